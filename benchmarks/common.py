@@ -1,0 +1,89 @@
+"""Shared helpers for the benchmarks: device naming, CUDA guard, CSV rows and a printed table."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["device_name", "require_cuda", "write_csv", "print_table", "results_dir", "tflops", "gbps"]
+
+
+def device_name() -> str:
+    """The GPU's name (or 'cpu'), as reported by torch."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def require_cuda(script: str) -> None:
+    """Exit 0 with a message when there is no CUDA device: GPU benchmarks mean nothing elsewhere."""
+    if not torch.cuda.is_available():
+        print(f"{script}: no CUDA device on this machine; nothing measured.")
+        sys.exit(0)
+
+
+def results_dir(default: str = "gpu-results") -> str:
+    """Folder for CSVs: $BENCH_OUT if set, else `default`; created if missing."""
+    path = os.environ.get("BENCH_OUT", default)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def tflops(flop: float, ms: float) -> float:
+    return flop / (ms * 1e-3) / 1e12
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Write `rows` (dicts with the same keys) to `path`, adding device, versions and date columns."""
+    if not rows:
+        return
+    stamp = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "date": _dt.date.today().isoformat(),
+    }
+    full = [{**row, **stamp} for row in rows]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(full[0]))
+        writer.writeheader()
+        writer.writerows(full)
+    os.replace(tmp, path)
+
+
+def print_table(rows: Sequence[dict[str, Any]], title: str = "") -> None:
+    """Print `rows` as an aligned text table (floats to 3 significant digits)."""
+    if not rows:
+        return
+    cols = list(rows[0])
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    if title:
+        print(f"\n{title} ({device_name()})")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"

@@ -1,0 +1,5 @@
+"""PLACEHOLDER (kernels issue)."""
+
+
+def attention(*args, **kwargs):
+    raise NotImplementedError

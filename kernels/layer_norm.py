@@ -1,0 +1,5 @@
+"""PLACEHOLDER (kernels issue)."""
+
+
+def layer_norm(*args, **kwargs):
+    raise NotImplementedError

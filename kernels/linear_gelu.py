@@ -1,0 +1,5 @@
+"""PLACEHOLDER (kernels issue)."""
+
+
+def linear_gelu(*args, **kwargs):
+    raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Fine-tuning, evaluation and prediction entry points (`python -m train.finetune`, ...)."""

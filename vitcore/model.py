@@ -1,0 +1,7 @@
+"""PLACEHOLDER: the VisionTransformer module (model issue)."""
+
+__all__ = ["VisionTransformer"]
+
+
+class VisionTransformer:
+    pass

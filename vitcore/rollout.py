@@ -1,0 +1,7 @@
+"""PLACEHOLDER: attention rollout (model issue)."""
+
+__all__ = ["attention_rollout"]
+
+
+def attention_rollout(attentions):
+    raise NotImplementedError
