@@ -15,7 +15,7 @@ setup(
         CppExtension(
             name="vitcore._C",
             sources=sorted(glob.glob("csrc/*.cpp")),
-            extra_compile_args=["-O3", "-std=c++17"],
+            extra_compile_args=["-O3"],
             libraries=["z"],
         )
     ],

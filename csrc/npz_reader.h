@@ -1,0 +1,22 @@
+// load_npz: the whole reader, from a path to named tensors.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace vitcore {
+
+// Reads the `.npy` members of the npz at `path` (all, or those named by `keys`, without ".npy")
+// as CPU tensors, in file order (or `keys` order). Stored, aligned, native-order members view a
+// private mapping of the file (see MappedFile); the others are copied or inflated. With
+// `verify`, every member read is checked against its CRC-32. Runs without the GIL: call it from
+// C++ or with the GIL released. Throws NpzFailure (bad input) or OsFailure (cannot open).
+std::vector<std::pair<std::string, at::Tensor>> load_npz(const std::string& path,
+                                                         const std::optional<std::vector<std::string>>& keys,
+                                                         bool verify);
+
+}  // namespace vitcore
