@@ -1,15 +1,381 @@
-"""PLACEHOLDER: official-checkpoint mapping (model issue)."""
+"""Official checkpoints: the one table that maps official names to parameters, loading and export.
 
-__all__ = ["LoadReport", "load_pretrained", "save_npz"]
+Every official array is described once, in `_table`, by its name, the parameter it fills and a
+layout that says how its axes map to PyTorch's:
+
+    copy       same shape: biases, LayerNorm scale/bias, `cls`
+    dense      Dense kernel (in, out)              <-> nn.Linear weight (out, in)
+    conv       Conv kernel HWIO                     <-> nn.Conv2d weight OIHW
+    gn         GroupNorm (C,), or (1, 1, 1, C) in files written before flax 0.3.6 (flax#1721)
+    qkv_kernel query/key/value kernel (D, heads, head_dim) <-> one third of the fused qkv weight
+    qkv_bias   query/key/value bias (heads, head_dim)      <-> one third of the fused qkv bias
+    out_kernel attention out kernel (heads, head_dim, D)   <-> nn.Linear weight (D, heads * head_dim)
+    posemb     (1, N, D), resized to the model's grid when N differs (official algorithm)
+
+Loading copies into the existing parameters in place (`copy_` from the checkpoint's arrays, one
+array at a time), so it never holds a second copy of the model; a model built under
+`torch.device("meta")` is materialised on the CPU first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError, NpzError
+from .npz import load_npz
+from .posembed import resize_pos_embedding
+
+__all__ = ["LoadReport", "load_pretrained", "save_npz", "official_names"]
+
+# Names of an encoder block's sub-modules. linen (today's vit_jax/models_vit.py) numbers
+# sub-modules per type; pre-linen flax.nn numbered them across types in creation order, which is
+# what the original imagenet21k files carry (flax.training.checkpoints.convert_pre_linen maps one
+# to the other; timm's _load_weights picks (0, 0, 1) vs (1, 3, 2) the same way). Dense_0/Dense_1
+# inside MlpBlock are the same in both.
+_BLOCK_NAMES = {
+    "linen": {
+        "ln1": "LayerNorm_0",
+        "attn": "MultiHeadDotProductAttention_0",
+        "ln2": "LayerNorm_1",
+        "mlp": "MlpBlock_0",
+    },
+    "pre-linen": {
+        "ln1": "LayerNorm_0",
+        "attn": "MultiHeadDotProductAttention_1",
+        "ln2": "LayerNorm_2",
+        "mlp": "MlpBlock_3",
+    },
+}
+_PRE_LINEN_MARKERS = ("/MultiHeadDotProductAttention_1/", "/LayerNorm_2/", "/MlpBlock_3/")
+_HEAD_KEYS = ("head/kernel", "head/bias")
+_PRE_LOGITS_KEYS = ("pre_logits/kernel", "pre_logits/bias")
 
 
+@dataclass(frozen=True)
+class _Entry:
+    key: str  # official name, '/'-joined
+    param: str  # name in model.named_parameters()
+    layout: str  # see the module docstring
+    shape: tuple[int, ...]  # official shape for this model
+    part: int | None = None  # q/k/v: which third of the fused parameter
+
+
+@dataclass
 class LoadReport:
-    pass
+    """What `load_pretrained` did with each official array (official names)."""
+
+    loaded: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)  # key -> why / from which shape to which
+
+    def __str__(self) -> str:
+        lines = [
+            f"loaded {len(self.loaded)} arrays, resized {len(self.resized)}, "
+            f"re-initialised {len(self.reinitialized)}, skipped {len(self.skipped)}"
+        ]
+        sections = (("resized", self.resized), ("re-initialised", self.reinitialized), ("skipped", self.skipped))
+        for title, keys in sections:
+            lines += [f"  {title}: {k}" + (f" ({self.notes[k]})" if k in self.notes else "") for k in keys]
+        return "\n".join(lines)
 
 
-def load_pretrained(model, path_or_arrays):
-    raise NotImplementedError
+def _official_shape(layout: str, shape: tuple[int, ...], heads: int) -> tuple[int, ...]:
+    if layout == "dense":
+        return (shape[1], shape[0])
+    if layout == "conv":
+        o, i, h, w = shape
+        return (h, w, i, o)
+    if layout == "qkv_kernel":  # a (3D, D) fused weight -> one (D, heads, head_dim) kernel
+        return (shape[1], heads, shape[0] // 3 // heads)
+    if layout == "qkv_bias":
+        return (heads, shape[0] // 3 // heads)
+    if layout == "out_kernel":
+        return (heads, shape[1] // heads, shape[0])
+    return tuple(shape)  # copy, gn, posemb
 
 
-def save_npz(model, path):
-    raise NotImplementedError
+def _table(model: torch.nn.Module, style: str = "linen") -> list[_Entry]:
+    """The mapping: every official array of `model`, in the official order of the module tree."""
+    params = dict(model.named_parameters())
+    heads = model.config.num_heads
+    names = _BLOCK_NAMES[style]
+    rows: list[_Entry] = []
+
+    def add(key: str, param: str, layout: str, part: int | None = None) -> None:
+        rows.append(_Entry(key, param, layout, _official_shape(layout, tuple(params[param].shape), heads), part))
+
+    def group_norm(key: str, param: str) -> None:
+        add(f"{key}/scale", f"{param}.weight", "gn")
+        add(f"{key}/bias", f"{param}.bias", "gn")
+
+    if model.resnet is not None:  # no prefix: the ResNet root lives directly in the top-level module
+        add("conv_root/kernel", "resnet.conv_root.weight", "conv")
+        group_norm("gn_root", "resnet.gn_root")
+        for i, stage in enumerate(model.resnet.stages):
+            for j, unit in enumerate(stage):
+                key, param = f"block{i + 1}/unit{j + 1}", f"resnet.stages.{i}.{j}"
+                convs = ("conv1", "conv2", "conv3") + (("conv_proj",) if unit.needs_projection else ())
+                for conv in convs:
+                    add(f"{key}/{conv}/kernel", f"{param}.{conv}.weight", "conv")
+                    group_norm(f"{key}/{conv.replace('conv', 'gn')}", f"{param}.{conv.replace('conv', 'gn')}")
+    add("embedding/kernel", "embedding.weight", "conv")
+    add("embedding/bias", "embedding.bias", "copy")
+    if model.cls_token is not None:
+        add("cls", "cls_token", "copy")
+    add("Transformer/posembed_input/pos_embedding", "pos_embedding", "posemb")
+    for i in range(len(model.blocks)):
+        key, param = f"Transformer/encoderblock_{i}", f"blocks.{i}"
+        for ln, mod in (("ln1", "norm1"), ("ln2", "norm2")):
+            add(f"{key}/{names[ln]}/scale", f"{param}.{mod}.weight", "copy")
+            add(f"{key}/{names[ln]}/bias", f"{param}.{mod}.bias", "copy")
+        attn = f"{key}/{names['attn']}"
+        for part, qkv in enumerate(("query", "key", "value")):
+            add(f"{attn}/{qkv}/kernel", f"{param}.attn.qkv.weight", "qkv_kernel", part)
+            add(f"{attn}/{qkv}/bias", f"{param}.attn.qkv.bias", "qkv_bias", part)
+        add(f"{attn}/out/kernel", f"{param}.attn.out.weight", "out_kernel")
+        add(f"{attn}/out/bias", f"{param}.attn.out.bias", "copy")
+        for d, fc in ((0, "fc1"), (1, "fc2")):
+            add(f"{key}/{names['mlp']}/Dense_{d}/kernel", f"{param}.mlp.{fc}.weight", "dense")
+            add(f"{key}/{names['mlp']}/Dense_{d}/bias", f"{param}.mlp.{fc}.bias", "copy")
+    add("Transformer/encoder_norm/scale", "encoder_norm.weight", "copy")
+    add("Transformer/encoder_norm/bias", "encoder_norm.bias", "copy")
+    if model.pre_logits is not None:
+        add("pre_logits/kernel", "pre_logits.weight", "dense")
+        add("pre_logits/bias", "pre_logits.bias", "copy")
+    add("head/kernel", "head.weight", "dense")
+    add("head/bias", "head.bias", "copy")
+    covered = {row.param for row in rows}
+    assert covered == set(params), f"mapping table misses parameters: {sorted(set(params) - covered)}"
+    return rows
+
+
+def official_names(model: torch.nn.Module) -> list[str]:
+    """The official (linen) names of the arrays `save_npz` writes for `model`, in order."""
+    return [row.key for row in _table(model)]
+
+
+def _target(param: torch.Tensor, row: _Entry) -> torch.Tensor:
+    """The part of `param` that `row` fills (a view)."""
+    if row.part is None:
+        return param
+    n = param.shape[0] // 3
+    return param[row.part * n : (row.part + 1) * n]
+
+
+def _to_torch(array: torch.Tensor, row: _Entry) -> torch.Tensor:
+    """A view of the official `array` in the layout of `_target(param, row)` (no copy)."""
+    if row.layout == "dense":
+        return array.T
+    if row.layout == "conv":
+        return array.permute(3, 2, 0, 1)  # HWIO -> OIHW
+    if row.layout == "gn":
+        return array.reshape(-1)
+    if row.layout == "qkv_kernel":
+        return array.reshape(array.shape[0], -1).T  # (D, heads, head_dim) -> (heads*head_dim, D)
+    if row.layout == "qkv_bias":
+        return array.reshape(-1)
+    if row.layout == "out_kernel":
+        return array.reshape(-1, array.shape[-1]).T  # (heads, head_dim, D) -> (D, heads*head_dim)
+    return array
+
+
+def _to_official(tensor: torch.Tensor, row: _Entry) -> torch.Tensor:
+    """The inverse of `_to_torch`: `_target(param, row)` in the official layout and shape."""
+    if row.layout in ("dense", "qkv_kernel", "out_kernel"):
+        return tensor.T.reshape(row.shape)
+    if row.layout == "conv":
+        return tensor.permute(2, 3, 1, 0)  # OIHW -> HWIO
+    return tensor.reshape(row.shape)
+
+
+def _npz_index(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the arrays in an npz, from the .npy headers only (no data is read)."""
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if not name.endswith(".npy"):
+                    continue
+                with zf.open(name) as f:
+                    version = np.lib.format.read_magic(f)
+                    # Version 3.0 only differs from 2.0 in allowing utf-8 in the header.
+                    fmt = np.lib.format
+                    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    shape, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise NpzError(f"{os.fspath(path)}: member {name} holds Python objects (pickles); refusing to load")
+                shapes[name[: -len(".npy")]] = tuple(shape)
+    except (zipfile.BadZipFile, ValueError) as e:
+        raise NpzError(f"{os.fspath(path)}: not a readable .npz checkpoint ({e})") from e
+    return shapes
+
+
+def _style(keys: list[str]) -> str:
+    return "pre-linen" if any(m in k for k in keys for m in _PRE_LINEN_MARKERS) else "linen"
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return str(tuple(shape))
+
+
+def _plan(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[_Entry], LoadReport]:
+    """Check every array against the table; return the rows to copy and the report, or raise listing all problems."""
+    rows = _table(model, _style(list(shapes)))
+    report = LoadReport()
+    problems: list[str] = []
+    to_load: list[_Entry] = []
+    known = {row.key for row in rows}
+    for row in rows:
+        if row.key not in shapes:
+            problems.append(f"missing key {row.key}: the model expects shape {_fmt(row.shape)}")
+            continue
+        got = shapes[row.key]
+        if got == row.shape or (row.layout == "gn" and got == (1, 1, 1) + row.shape):
+            to_load.append(row)
+        elif row.key in _HEAD_KEYS:
+            continue  # decided below, for kernel and bias together
+        elif row.layout == "posemb":
+            prefix, dim = model.num_prefix_tokens, row.shape[-1]
+            n = got[1] - prefix if len(got) == 3 and got[0] == 1 else 0
+            if n <= 0 or math.isqrt(n) ** 2 != n or got[-1] != dim:
+                problems.append(
+                    f"cannot resize {row.key}: checkpoint {_fmt(got)} vs model {_fmt(row.shape)} "
+                    f"(needs (1, {prefix} + g*g, {dim}): {prefix} class token(s) plus a square grid)"
+                )
+                continue
+            to_load.append(row)
+            report.resized.append(row.key)
+            report.notes[row.key] = f"{_fmt(got)} -> {_fmt(row.shape)}"
+        else:
+            problems.append(f"shape mismatch for {row.key}: checkpoint {_fmt(got)} vs model {_fmt(row.shape)}")
+    head_rows = [row for row in rows if row.key in _HEAD_KEYS]
+    if all(row.key in shapes for row in head_rows) and any(shapes[row.key] != row.shape for row in head_rows):
+        for row in head_rows:  # a new task: the official fine-tuning code starts from a zero head
+            report.reinitialized.append(row.key)
+            report.notes[row.key] = f"checkpoint {_fmt(shapes[row.key])}, model {_fmt(row.shape)}: zero-initialised"
+        to_load = [row for row in to_load if row.key not in _HEAD_KEYS]
+    for key in shapes:
+        if key in known:
+            continue
+        if key in _PRE_LOGITS_KEYS and model.pre_logits is None:
+            report.skipped.append(key)  # the official "drop-head variant"
+            report.notes[key] = "the model has no representation layer (representation_size=None)"
+        else:
+            problems.append(f"unexpected key {key} with shape {_fmt(shapes[key])}: the model has no such parameter")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint does not fit {type(model).__name__}({_describe(model)}); {len(problems)} problem(s):\n  "
+            + "\n  ".join(problems)
+            + "\nBuild the model with the checkpoint's architecture (e.g. vitcore.CONFIGS[name]); only the head, "
+            "pre_logits and the position-embedding grid adapt to the model."
+        )
+    report.loaded = [row.key for row in to_load]
+    return to_load, report
+
+
+def _describe(model: torch.nn.Module) -> str:
+    c = model.config
+    return (
+        f"hidden_size={c.hidden_size}, num_layers={c.num_layers}, patch_size={c.patch_size}, "
+        f"resnet_layers={c.resnet_layers}, representation_size={c.representation_size}, "
+        f"classifier={c.classifier!r}, img_size={model.img_size}, num_classes={model.num_classes}"
+    )
+
+
+def _as_tensor(value: object) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    with warnings.catch_warnings():  # read-only (mmap) arrays are fine: we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+@torch.no_grad()
+def load_pretrained(
+    model: torch.nn.Module, path_or_arrays: str | os.PathLike | Mapping[str, torch.Tensor]
+) -> LoadReport:
+    """Load an official ViT checkpoint (.npz path, or the dict `load_npz` returns) into `model`, in place.
+
+    Handles linen and pre-linen names, 4-D GroupNorm parameters, HWIO / (D, heads, head_dim)
+    layouts; resizes the position embeddings to the model's grid; drops `pre_logits` when the
+    model has none; zero-initialises a head whose shape differs. Anything else that does not fit
+    raises CheckpointError listing every offending name with both shapes, before any parameter
+    is touched. A model built under `torch.device("meta")` is materialised on the CPU, which
+    skips initialising weights that are about to be overwritten.
+    """
+    if isinstance(path_or_arrays, Mapping):
+        arrays = {k: _as_tensor(v) for k, v in path_or_arrays.items()}
+        shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+        path = None
+    else:
+        path = path_or_arrays
+        shapes = _npz_index(path)
+    # Some flax checkpoints store the parameters under the optimizer's target.
+    prefix = "opt/target/" if shapes and all(k.startswith("opt/target/") for k in shapes) else ""
+    file_key = {k[len(prefix) :]: k for k in shapes}
+    shapes = {k[len(prefix) :]: s for k, s in shapes.items()}
+
+    rows, report = _plan(model, shapes)
+    if any(p.is_meta for p in model.parameters()):
+        model.to_empty(device="cpu")  # every parameter is written below (loaded, or a zeroed head)
+    params = dict(model.named_parameters())
+    param_of = {row.key: row.param for row in _table(model)}
+    for key in report.reinitialized:
+        params[param_of[key]].zero_()
+    # From a path, read one array at a time and drop it after the copy: only one array of the file
+    # is ever resident next to the model (load_npz's tensors keep their mapping alive otherwise).
+    for row in rows:
+        if path is None:
+            array = arrays[file_key[row.key]]
+        else:
+            array = load_npz(path, keys=[file_key[row.key]])[file_key[row.key]]
+        if row.layout == "posemb" and tuple(array.shape) != row.shape:
+            array = resize_pos_embedding(array.to(torch.float64), model.num_prefix_tokens, model.grid_size)
+        _target(params[row.param], row).copy_(_to_torch(array, row))
+        del array
+    return report
+
+
+def save_npz(model: torch.nn.Module, path: str | os.PathLike, *, compressed: bool = False) -> str:
+    """Write `model` as an official (linen-named) checkpoint that `np.load` and `load_pretrained` read.
+
+    The file is written like `np.savez` (or `np.savez_compressed`) to a temporary file next to
+    `path` and moved into place atomically. Returns the path.
+    """
+    path = os.fspath(path)
+    params = dict(model.named_parameters())
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
+    try:
+        compression = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=compression, allowZip64=True) as zf:
+            for row in _table(model):
+                tensor = _to_official(_target(params[row.param].detach(), row), row)
+                if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+                    tensor = tensor.float()
+                # One array at a time, C order like the official files.
+                array = np.ascontiguousarray(tensor.cpu().numpy())
+                with zf.open(row.key + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    return path
