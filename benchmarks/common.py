@@ -6,12 +6,14 @@ import csv
 import datetime as _dt
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["device_name", "require_cuda", "write_csv", "print_table", "results_dir", "tflops", "gbps"]
+__all__ = [
+    "device_name", "require_cuda", "write_csv", "print_table", "results_dir", "tflops", "gbps", "time_fwd_bwd",
+]
 
 
 def device_name() -> str:
@@ -39,6 +41,40 @@ def tflops(flop: float, ms: float) -> float:
 
 def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
+
+
+def time_fwd_bwd(
+    fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor,
+    views: Callable[..., Sequence[torch.Tensor]] | None = None,
+) -> dict[str, float]:
+    """Median ms (triton.testing.do_bench) of fn's forward (no grad), backward (graph kept) and forward+backward.
+
+    Gradients are taken with respect to `inputs`; `views(*inputs)`, if given, makes fn's arguments from them on
+    every call (e.g. q, k, v as views of one fused qkv tensor). One untimed forward+backward runs first, so
+    compilation and autotuning stay out of the numbers.
+    """
+    from triton.testing import do_bench
+
+    leaves = list(inputs)
+
+    def args() -> Sequence[torch.Tensor]:
+        return leaves if views is None else views(*leaves)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*args())
+
+    out = fn(*args())
+
+    def bwd():
+        return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(*args()), leaves, grad_out)
+
+    fwd_bwd()
+    return {mode: do_bench(f, warmup=25, rep=100, return_mode="median")
+            for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}  # fmt: skip
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:

@@ -1,0 +1,124 @@
+"""Shared by the LayerNorm and Linear+GELU ops: input checks, allocation, launch sizing, and the small kernel
+that finishes a two-stage reduction (column sums of fp32 partials).
+
+Importing this module only defines functions; nothing is compiled or launched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "POISON_ENV",
+    "interpreting",
+    "check_launchable",
+    "check_float",
+    "new_output",
+    "next_pow2",
+    "sm_count",
+    "column_sums",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tests set this to "1" so every output starts as NaN: an element a kernel forgets to write then fails the
+# comparison instead of silently holding whatever the allocator returned. Off by default (it costs a fill).
+POISON_ENV = "VITCORE_POISON_OUTPUTS"
+
+
+def interpreting() -> bool:
+    """True when Triton runs its CPU interpreter (TRITON_INTERPRET=1): small fixed launch configs then."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_launchable(op: str, *tensors: torch.Tensor) -> None:
+    """All tensors on one device, and that device can run a Triton kernel (CUDA, or CPU under the interpreter)."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        names = ", ".join(str(d) for d in sorted(devices, key=str))
+        raise ValueError(f"{op}: all inputs must be on the same device, got {names}")
+    (device,) = devices
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and interpreting():
+        return
+    raise ValueError(
+        f"{op}: Triton kernels need CUDA tensors, got device {device} "
+        "(on CPU set TRITON_INTERPRET=1 before importing triton, or use the torch backend)"
+    )
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled tensor when the poison switch is on (see POISON_ENV)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get(POISON_ENV) == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in under the interpreter (programs run serially)."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _column_sum_kernel(
+    PARTIAL,  # (NUM_OUT, G, N) fp32, contiguous: per-program partial sums
+    OUT0,  # (N,) column sums of PARTIAL[0], in the output dtype
+    OUT1,  # (N,) column sums of PARTIAL[1] when NUM_OUT == 2; unused otherwise
+    G,  # partial rows to sum
+    N,  # columns
+    NUM_OUT: tl.constexpr,  # 1 or 2 buffers summed by one launch (grid axis 1)
+    BLOCK_G: tl.constexpr,  # partial rows per loop step
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    pid_n = tl.program_id(0)
+    which = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    base = PARTIAL + which.to(tl.int64) * G * N
+    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        rows = g0 + tl.arange(0, BLOCK_G)
+        mask = (rows[:, None] < G) & col_mask[None, :]
+        acc += tl.load(base + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if NUM_OUT == 1:
+        tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_mask)
+    else:
+        if which == 0:
+            tl.store(OUT0 + cols, total.to(OUT0.dtype.element_ty), mask=col_mask)
+        else:
+            tl.store(OUT1 + cols, total.to(OUT1.dtype.element_ty), mask=col_mask)
+
+
+def column_sums(partial: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Second stage of a deterministic reduction: (B, G, N) fp32 partials -> B tensors (N,) of `dtype`, B in {1, 2}.
+
+    One launch instead of torch's sum + cast per buffer: at ViT sizes the backward kernels take ~100 us, and
+    each extra small launch costs several."""
+    num_out, g, n = partial.shape
+    assert num_out in (1, 2) and partial.dtype == torch.float32 and partial.is_contiguous()
+    outs = [new_output((n,), dtype, partial.device) for _ in range(num_out)]
+    block_n = 128 if n <= 2**16 else 1024  # split-K dW partials have N*K columns: wider blocks, fewer programs
+    block_g = max(1, min(next_pow2(g), 4096 // block_n))
+    grid = (triton.cdiv(n, block_n), num_out)
+    _column_sum_kernel[grid](partial, outs[0], outs[-1], g, n, NUM_OUT=num_out, BLOCK_G=block_g, BLOCK_N=block_n,
+                             num_warps=4)
+    return outs
