@@ -1,0 +1,211 @@
+"""End-to-end tests of `python -m train.finetune` on generated CIFAR-10-format data and a generated official npz:
+learning and artifacts, resume after SIGKILL, 2-process torchrun, the evaluate/predict/attention_map CLIs, and
+one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from cifar_fixtures import PALETTE, make_cifar10
+from fixtures_official_npz import make_official_npz
+from PIL import Image
+
+import vitcore
+from train import attention_map, evaluate, finetune, predict
+from train.checkpointing import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune")
+    make_cifar10(str(root / "data"), n_train=500, n_test=205)
+    make_official_npz(str(root / "testing.npz"), vitcore.CONFIGS["testing"])
+    return root
+
+
+def _args(work, name: str, *extra: str) -> list[str]:
+    return ["--data_dir", str(work / "data"), "--output_dir", str(work / "runs"), "--name", name,
+            "--model_type", "testing", "--pretrained_dir", str(work / "testing.npz"), "--img_size", "32",
+            "--train_batch_size", "16", "--eval_batch_size", "64", "--warmup_steps", "5", "--learning_rate", "0.1",
+            "--no_progress", *extra]
+
+
+def _env() -> dict[str, str]:
+    # One thread per process: runs are then reproducible and do not fight over the machine's cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+
+
+def _finetune(work, name: str, *extra: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [PY, *(launcher or []), "-m", "train.finetune", *_args(work, name, *extra)]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _train_losses(run_dir) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def base_run(work):
+    """40 steps without dropout: the run the CLI tests read and the 1-process reference of the torchrun test."""
+    proc = _finetune(work, "base", "--num_steps", "40", "--eval_every", "20", "--dropout", "0")
+    assert proc.returncode == 0, proc.stderr
+    return work / "runs" / "base", proc
+
+
+def test_finetune_learns_and_writes_every_artifact(base_run):
+    run, proc = base_run
+    assert sorted(os.listdir(run)) == ["args.json", "best.pt", "curves.png", "last.pt", "metrics.csv", "tensorboard"]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("done: best accuracy") and "img/s" in summary and "wall time" in summary
+    best = load_checkpoint(str(run / "best.pt"))
+    assert best["best_accuracy"] > 0.6  # chance is 0.1
+    last = load_checkpoint(str(run / "last.pt"))
+    assert last["step"] == 40
+    for key in ("model", "optimizer", "scheduler", "scaler", "sampler", "rng", "config", "args"):
+        assert key in last
+    assert isinstance(last["rng"]["torch"], torch.Tensor)
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows if r["split"] == "train"] == list(range(1, 41))
+    tests = [r for r in rows if r["split"] == "test"]
+    assert [int(r["step"]) for r in tests] == [20, 40]
+    assert max(float(r["accuracy"]) for r in tests) == pytest.approx(best["best_accuracy"])
+    assert json.loads((run / "args.json").read_text())["model_type"] == "testing"
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard"))
+
+
+def test_resume_after_sigkill_gives_the_same_weights(work):
+    # Dropout stays on (the testing config's 0.1): its randomness must be reproduced too.
+    common = ("--num_steps", "40", "--eval_every", "10")
+    ref = _finetune(work, "ref", *common)
+    assert ref.returncode == 0, ref.stderr
+    cmd = [PY, "-m", "train.finetune", *_args(work, "killed", *common)]
+    victim = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = work / "runs" / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_checkpoint(str(last))["step"]
+    assert killed_at < 40
+    resumed = _finetune(work, "killed", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_checkpoint(str(work / "runs" / "ref" / "last.pt"))
+    b = load_checkpoint(str(last))
+    assert b["step"] == 40
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert _train_losses(work / "runs" / "killed") == _train_losses(work / "runs" / "ref")
+
+
+def test_torchrun_two_processes_agree_with_one(work, base_run):
+    # Steps 1..5 are warmup, whose lr does not depend on --num_steps: the short run must match the base run.
+    proc = _finetune(work, "ddp", "--num_steps", "5", "--eval_every", "5", "--dropout", "0",
+                     launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    assert proc.returncode == 0, proc.stderr
+    assert "2 process(es)" in proc.stderr
+    two, one = _train_losses(work / "runs" / "ddp"), _train_losses(base_run[0])
+    assert sorted(two) == [1, 2, 3, 4, 5]
+    for step in two:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+
+
+def _colour_png(path, cls: int, size=(40, 48)) -> str:
+    Image.fromarray(np.broadcast_to(PALETTE[cls].astype(np.uint8), (*size, 3)).copy()).save(path)
+    return str(path)
+
+
+def test_evaluate_predict_attention_map_clis(base_run, work, tmp_path, capsys):
+    run, _ = base_run
+    ck = str(run / "best.pt")
+    assert evaluate.main(["--checkpoint", ck, "--data-dir", str(work / "data")]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("accuracy ")[1].split("%")[0])
+    assert acc == pytest.approx(100 * load_checkpoint(ck)["best_accuracy"], abs=0.01)
+    cat, ship = _colour_png(tmp_path / "cat.png", 3), _colour_png(tmp_path / "ship.png", 8, (30, 30))
+    assert predict.main(["--checkpoint", ck, cat, ship]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(line.count("%") == 5 for line in lines)
+    assert lines[0].split(": ")[1].startswith("cat ") and lines[1].split(": ")[1].startswith("ship ")
+    out_png = tmp_path / "map.png"
+    assert attention_map.main(["--checkpoint", ck, "--image", cat, "--out", str(out_png)]) == 0
+    with Image.open(out_png) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
+def _one_error_line(capsys) -> str:
+    # Progress notes (the header, the checkpoint load report) may precede it; the error itself is one line.
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("train.finetune: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--model_type", "ViT-Nope"], "valid names"),
+    (["--img_size", "40"], "input stride 16"),
+    (["--model_type", "ViT-Ti_16"], "does not fit --model_type ViT-Ti_16"),
+    (["--resume", "--name", "never-ran"], "no checkpoint"),
+])
+def test_finetune_bad_input_is_one_line_exit_2(work, capsys, extra, fragment):
+    assert finetune.main(_args(work, "err", "--num_steps", "2", *extra)) == 2
+    assert fragment in _one_error_line(capsys)
+
+
+def test_nan_loss_stops_with_step_and_advice(work, capsys):
+    code = finetune.main(_args(work, "nan", "--num_steps", "6", "--learning_rate", "1e30", "--max_grad_norm", "0",
+                               "--warmup_steps", "0", "--eval_every", "100"))
+    line = _one_error_line(capsys)
+    assert code == 1 and "at step" in line and "--learning_rate" in line
+
+
+def test_cli_error_has_no_traceback_in_a_real_process(work):
+    proc = subprocess.run([PY, "-m", "train.finetune", "--model_type", "nope"], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """`{train,test}/<class>/*.png` with 3 colour classes, images of mixed sizes."""
+    root = tmp_path_factory.mktemp("folder")
+    for split, n in (("train", 12), ("test", 5)):
+        for cls, name in enumerate(["bird", "cat", "deer"]):
+            os.makedirs(root / split / name)
+            for i in range(n):
+                _colour_png(root / split / name / f"{i}.png", cls + 2, size=(30 + i, 40))
+    return root
+
+
+def test_gradient_accumulation_matches_the_full_batch(image_folder, tmp_path):
+    # Without dropout or clipping (which would hide a wrongly scaled gradient), 2 micro-batches of 6 must give
+    # the weights of one batch of 12, to float rounding.
+    weights = []
+    for accum in ("1", "2"):
+        argv = ["--dataset", "imagefolder", "--data_dir", str(image_folder), "--output_dir", str(tmp_path),
+                "--name", f"acc{accum}", "--model_type", "testing", "--pretrained_dir", "none", "--img_size", "32",
+                "--train_batch_size", "12", "--gradient_accumulation_steps", accum, "--num_steps", "4",
+                "--eval_every", "4", "--warmup_steps", "2", "--dropout", "0", "--max_grad_norm", "0", "--no_progress"]
+        assert finetune.main(argv) == 0
+        ck = load_checkpoint(str(tmp_path / f"acc{accum}" / "last.pt"))
+        assert ck["classes"] == ["bird", "cat", "deer"] and ck["num_classes"] == 3
+        weights.append(ck["model"])
+    for k, v in weights[0].items():
+        assert torch.allclose(v, weights[1][k], rtol=1e-4, atol=1e-6), k

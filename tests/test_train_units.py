@@ -1,0 +1,306 @@
+"""Fast in-process tests of the train package's parts: schedule, sampler, augmentation, args, safe unpickling,
+checkpoint I/O, FLOP counting, download (against a local HTTP server) and metrics artifacts."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import math
+import os
+import pickle
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+import torch
+from cifar_fixtures import make_cifar10_tarball
+from hypothesis import given
+from hypothesis import strategies as st
+
+import vitcore
+from train.args import UsageError, parse_args
+from train.checkpointing import load_checkpoint, save_checkpoint
+from train.data import StepSampler, augment_batch, crop_params, eval_shard, eval_transform, load_cifar, normalize
+from train.download import DownloadError, checkpoint_url, download, ensure_cifar, md5sum, safe_extract
+from train.flops import forward_flops, mfu, peak_flops
+from train.metrics import MetricsLogger, plot_curves, read_metrics
+from train.safe_pickle import UnsafePickleError, safe_loads
+from train.schedule import WarmupDecaySchedule
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_schedule_matches_official_formula_at_known_points():
+    s = WarmupDecaySchedule(0.03, total_steps=100, warmup_steps=10, decay_type="cosine")
+    assert s(1) == pytest.approx(0.003)  # steps count from 1: the first step already has lr > 0
+    assert s(10) == pytest.approx(0.03)
+    assert s(55) == pytest.approx(0.015)  # halfway through the decay: cos(pi/2) = 0
+    assert s(100) == pytest.approx(0.0, abs=1e-12)
+    lin = WarmupDecaySchedule(0.03, total_steps=100, warmup_steps=0, decay_type="linear", linear_end=1e-5)
+    assert lin(0) == pytest.approx(0.03)
+    assert lin(100) == pytest.approx(1e-5)
+    assert lin(50) == pytest.approx(1e-5 + (0.03 - 1e-5) * 0.5)
+
+
+@given(st.integers(1, 50), st.integers(0, 60), st.sampled_from(["cosine", "linear"]))
+def test_schedule_warms_up_monotonically_then_decays(total, warmup, decay):
+    s = WarmupDecaySchedule(1.0, total, warmup, decay)
+    lrs = [s(t) for t in range(1, total + 1)]
+    assert all(0.0 <= v <= 1.0 + 1e-12 for v in lrs)
+    peak = min(warmup, total) if warmup else 1
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[: peak - 1], lrs[1:peak]))
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+
+
+def test_schedule_state_roundtrip():
+    s = WarmupDecaySchedule(0.1, 20, 3, "linear")
+    t = WarmupDecaySchedule(1.0, 5, 0)
+    t.load_state_dict(s.state_dict())
+    assert [t(i) for i in range(1, 21)] == [s(i) for i in range(1, 21)]
+
+
+# ---------------------------------------------------------------- sampler, shards, augmentation
+
+
+@given(st.integers(1, 97), st.integers(1, 40), st.integers(0, 3))
+def test_sampler_covers_each_epoch_once_and_is_stateless(n, batch, seed):
+    s = StepSampler(n, batch, seed)
+    steps = -(-3 * n // batch)
+    stream = torch.cat([s.indices(t) for t in range(1, steps + 1)])
+    for e in range(3):  # every epoch is a permutation
+        assert sorted(stream[e * n:(e + 1) * n].tolist()) == list(range(n))
+    # A fresh sampler (a resumed run) gives the same batch for a late step without replaying history.
+    assert torch.equal(StepSampler(n, batch, seed).indices(steps), s.indices(steps))
+
+
+@given(st.integers(0, 50), st.integers(1, 5))
+def test_eval_shards_partition_the_test_set(n, world):
+    shards = [eval_shard(n, r, world).tolist() for r in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(n))  # no duplicates, remainder included
+
+
+@given(st.integers(8, 64), st.integers(8, 64), st.integers(0, 10))
+def test_crop_params_lie_inside_the_image_with_area_in_scale(h, w, step):
+    boxes, flips = crop_params(64, h, w, seed=1, step=step, flip=True)
+    x0, y0, bw, bh = boxes.unbind(1)
+    assert (x0 >= 0).all() and (y0 >= 0).all()
+    assert (x0 + bw <= w).all() and (y0 + bh <= h).all()
+    assert (bw >= 1).all() and (bh >= 1).all()
+    assert ((flips == 1) | (flips == -1)).all()
+    assert torch.equal(crop_params(64, h, w, seed=1, step=step, flip=True)[0], boxes)  # pure function of the step
+
+
+def test_augment_full_box_is_identity_and_flip_mirrors():
+    img = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8)
+    full = torch.tensor([[0.0, 0.0, 24.0, 20.0]]).repeat(3, 1)
+    out = augment_batch(img, full, torch.tensor([1.0, -1.0, 1.0]), size=40)
+    # The whole image as the box is a plain resize: it must equal the F.interpolate-based eval transform.
+    ref = eval_transform(img, 40)
+    assert torch.allclose(out[0], ref[0], atol=1e-4)
+    assert torch.allclose(out[1], ref[1].flip(-1), atol=1e-4)
+    assert out.min() >= -1.0 and out.max() <= 1.0
+
+
+def test_augment_crop_equals_slice_at_native_size():
+    img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    boxes = torch.tensor([[5.0, 7.0, 16.0, 16.0], [0.0, 10.0, 16.0, 16.0]])
+    out = augment_batch(img, boxes, torch.ones(2), size=16)
+    assert torch.allclose(out[0], normalize(img[0, :, 7:23, 5:21].float()), atol=1e-4)
+    assert torch.allclose(out[1], normalize(img[1, :, 10:26, 0:16].float()), atol=1e-4)
+
+
+# ---------------------------------------------------------------- args
+
+
+def test_args_accept_both_spellings_and_fp16_alias():
+    a = parse_args(["--train-batch-size", "64", "--eval_batch_size", "8", "--model-type", "testing",
+                    "--img_size", "32", "--fp16", "--gradient-accumulation-steps", "2"])
+    assert (a.train_batch_size, a.eval_batch_size, a.model_type, a.precision) == (64, 8, "testing", "fp16")
+    assert a.gradient_accumulation_steps == 2
+    d = parse_args([])
+    assert (d.model_type, d.img_size, d.learning_rate, d.num_steps, d.warmup_steps) == ("ViT-B_16", 224, 3e-2,
+                                                                                        10000, 500)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--model_type", "ViT-Q_99"], "valid names"),
+    (["--model_type", "testing", "--img_size", "30"], "input stride 16"),
+    (["--model_type", "R50-ViT-B_16", "--img_size", "200"], "input stride 16"),
+    (["--train_batch_size", "10", "--gradient_accumulation_steps", "3"], "divisible"),
+    (["--no_such_flag"], "unrecognized"),
+])
+def test_args_errors_are_one_line(argv, fragment):
+    with pytest.raises(UsageError) as e:
+        parse_args(argv)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- safe unpickling
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_safe_pickle_loads_cifar_like_dicts_at_every_protocol():
+    d = {b"data": np.arange(24, dtype=np.uint8).reshape(2, 12), b"labels": [3, 4], b"batch_label": b"x",
+         b"names": ["a", "b"], b"n": 7}
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        got = safe_loads(pickle.dumps(d, protocol=protocol))
+        assert np.array_equal(got[b"data"], d[b"data"]) and got[b"labels"] == [3, 4] and got[b"n"] == 7
+
+
+@pytest.mark.parametrize("payload", [_Evil(), {b"data": _Evil()}, [1, functools.partial(print, "hi")]])
+def test_safe_pickle_refuses_function_calls(payload):
+    with pytest.raises(UnsafePickleError, match="refusing"):
+        safe_loads(pickle.dumps(payload, protocol=2))
+
+
+def test_safe_pickle_refuses_object_arrays():
+    with pytest.raises(UnsafePickleError):
+        safe_loads(pickle.dumps({b"data": np.array([1, "x"], dtype=object)}))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_roundtrip_is_atomic_and_weights_only(tmp_path):
+    path = str(tmp_path / "last.pt")
+    state = {"step": 3, "model": {"w": torch.randn(4, 4)}, "rng": {"torch": torch.get_rng_state()},
+             "args": {"name": "x", "lr": 0.1, "flag": None}, "config": vitcore.CONFIGS["testing"].to_dict()}
+    save_checkpoint(state, path)
+    got = load_checkpoint(path)
+    assert got["step"] == 3 and torch.equal(got["model"]["w"], state["model"]["w"])
+    assert vitcore.ViTConfig.from_dict(got["config"]) == vitcore.CONFIGS["testing"]
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"model": _Evil()}, path)  # a full pickle, as an attacker would ship it
+    with pytest.raises(UsageError, match="not a loadable training checkpoint"):
+        load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- flops
+
+
+@pytest.mark.parametrize("cfg", [vitcore.CONFIGS["testing"],
+                                 vitcore.ViTConfig(patch_size=8, hidden_size=32, mlp_dim=48, num_heads=4,
+                                                   num_layers=2, representation_size=16)])
+def test_flops_match_torch_flop_counter(cfg):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = vitcore.VisionTransformer(cfg, img_size=32, num_classes=7, backend="torch").eval()
+    # return_attention takes the explicit-matmul attention path, which the counter sees (CPU SDPA it does not).
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32), return_attention=True)
+    assert forward_flops(cfg, 32, 7) == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
+def test_vit_b16_flops_and_mfu():
+    f = forward_flops(vitcore.CONFIGS["ViT-B_16"], 224, 1000)
+    assert f == pytest.approx(35.13e9, rel=2e-3)  # 17.6 GMACs, the published figure
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("cpu", "bf16") is None
+    u = mfu(1000.0, vitcore.CONFIGS["ViT-B_16"], 224, 10, "NVIDIA H100 80GB HBM3", "bf16")
+    assert u == pytest.approx(1000 * 3 * forward_flops(vitcore.CONFIGS["ViT-B_16"], 224, 10) / 989e12)
+
+
+# ---------------------------------------------------------------- download
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_download_and_extract_cifar_from_local_server(http_server, tmp_path):
+    root, base = http_server
+    tarball = make_cifar10_tarball(str(root / "cifar-10-python.tar.gz"), n_train=50, n_test=20)
+    data_dir = tmp_path / "data"
+    folder = ensure_cifar("cifar10", str(data_dir), url=base + "/cifar-10-python.tar.gz", md5=md5sum(tarball),
+                          progress=False)
+    assert sorted(os.listdir(data_dir)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    test = load_cifar(folder, "cifar10", train=False)
+    assert test.images.shape == (20, 3, 32, 32) and test.images.dtype == torch.uint8
+    assert test.classes[3] == "cat"
+    # Second call: the extracted folder is used as is, no network needed.
+    assert ensure_cifar("cifar10", str(data_dir), url="http://127.0.0.1:9/none.tar.gz", md5="0" * 32) == folder
+
+
+def test_download_wrong_md5_leaves_nothing(http_server, tmp_path):
+    root, base = http_server
+    make_cifar10_tarball(str(root / "cifar-10-python.tar.gz"), n_train=10, n_test=5)
+    target = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    with pytest.raises(DownloadError, match="md5 mismatch"):
+        download(base + "/cifar-10-python.tar.gz", str(target), md5="0" * 32, progress=False)
+    assert os.listdir(target.parent) == []
+
+
+def test_offline_message_names_url_and_path(http_server, tmp_path):
+    _, base = http_server
+    target = tmp_path / "checkpoint" / "ViT-B_16.npz"
+    with pytest.raises(DownloadError) as e:
+        download(base + "/missing.npz", str(target), progress=False)  # 404
+    assert base + "/missing.npz" in str(e.value) and str(target) in str(e.value)
+    assert os.listdir(target.parent) == []
+
+
+def test_checkpoint_url_maps_hybrid_name():
+    assert checkpoint_url("ViT-B_16") == "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz"
+    assert checkpoint_url("R50-ViT-B_16").endswith("/imagenet21k/R50+ViT-B_16.npz")
+
+
+def test_safe_extract_refuses_path_traversal(tmp_path):
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(DownloadError, match="outside"):
+        safe_extract(str(archive), str(dest))
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_resume_drops_rows_after_checkpoint_and_plots(tmp_path):
+    run = str(tmp_path / "run")
+    log = MetricsLogger(run)
+    for step in range(1, 7):
+        log.log(step, "train", loss=1.0 / step, lr=0.1, img_per_s=10.0)
+    log.log(5, "test", loss=0.5, accuracy=0.9)
+    log.close()
+    resumed = MetricsLogger(run, resume_step=4)  # the killed run got to 6, its checkpoint is at 4
+    resumed.log(5, "train", loss=0.2, lr=0.1)
+    resumed.close()
+    rows = read_metrics(os.path.join(run, "metrics.csv"))
+    assert [(r["step"], r["split"]) for r in rows] == [(float(s), "train") for s in range(1, 6)]
+    assert rows[-1]["loss"] == pytest.approx(0.2)
+    out = os.path.join(run, "curves.png")
+    plot_curves(os.path.join(run, "metrics.csv"), out)
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run, "tensorboard")))
+    assert math.isfinite(rows[0]["loss"])

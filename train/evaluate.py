@@ -1,0 +1,82 @@
+"""Test-set evaluation: the loop finetune calls, and `python -m train.evaluate --checkpoint RUN/best.pt`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .args import _Parser, add_flag
+from .checkpointing import restore_for_inference
+from .cli import autocast_dtype, run_cli
+from .data import ImageSet, eval_shard, eval_transform, load_split
+from .distributed import all_reduce_sum
+
+__all__ = ["evaluate_model", "main"]
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, test: ImageSet, img_size: int, batch_size: int,
+                   precision: str = "fp32", rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """(mean loss, top-1 accuracy) over the whole test set; each rank takes every world_size-th example and
+    the sums are reduced, so every example counts exactly once, remainder included."""
+    device = test.images.device
+    idx = eval_shard(len(test), rank, world_size).to(device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    was_training = model.training
+    model.eval()
+    amp = (torch.autocast(device.type, dtype=autocast_dtype(precision)) if precision != "fp32"
+           else contextlib.nullcontext())
+    for start in range(0, idx.numel(), batch_size):
+        chunk = idx[start:start + batch_size]
+        x = eval_transform(test.images[chunk], img_size)  # (b, 3, S, S)
+        y = test.labels[chunk]
+        with amp:
+            logits = model(x)
+        logits = logits.float()
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").double()
+        sums[1] += (logits.argmax(dim=1) == y).sum()
+        sums[2] += y.numel()
+    model.train(was_training)
+    all_reduce_sum(sums)
+    count = max(sums[2].item(), 1.0)
+    return sums[0].item() / count, sums[1].item() / count
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m train.evaluate", description="Accuracy and loss of a checkpoint on a test set.")
+    add_flag(p, "checkpoint", required=True, help="best.pt or last.pt of a run")
+    add_flag(p, "dataset", choices=["cifar10", "cifar100", "imagefolder"], default=None,
+             help="default: the run's dataset")
+    add_flag(p, "data_dir", default=None, help="default: the run's data_dir")
+    add_flag(p, "eval_batch_size", type=int, default=64)
+    add_flag(p, "precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    add_flag(p, "backend", choices=["auto", "torch", "triton"], default="auto")
+    add_flag(p, "device", default=None)
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    ck, model, img_size, _ = restore_for_inference(args.checkpoint, args.device, backend=args.backend)
+    device = next(model.parameters()).device
+    run_args = ck.get("args", {})
+    dataset = args.dataset or run_args.get("dataset", "cifar10")
+    data_dir = args.data_dir or run_args.get("data_dir", "data")
+    test = load_split(dataset, data_dir, train=False, img_size=img_size, classes=ck.get("classes")).to(device)
+    loss, acc = evaluate_model(model, test, img_size, args.eval_batch_size, args.precision)
+    print(f"{args.checkpoint} (step {ck.get('step')}) on {dataset} test ({len(test)} images): "
+          f"accuracy {100 * acc:.2f}%  loss {loss:.4f}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli("train.evaluate", lambda: _main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Run artifacts: metrics.csv, TensorBoard events, args.json and curves.png (loss, accuracy, lr)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+__all__ = ["MetricsLogger", "write_args_json", "plot_curves", "read_metrics"]
+
+FIELDS = ["step", "split", "loss", "accuracy", "lr", "img_per_s", "elapsed_s"]
+
+
+def write_args_json(args: dict[str, Any], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(args, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Rows of metrics.csv with numbers parsed (empty cells -> None)."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: (row[k] if k == "split" else (float(row[k]) if row[k] not in ("", None) else None))
+                         for k in FIELDS})
+    return rows
+
+
+class MetricsLogger:
+    """Appends rows to metrics.csv and scalars to TensorBoard; a no-op when `enabled` is False (ranks > 0)."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, resume_step: int | None = None) -> None:
+        self.run_dir, self.enabled = run_dir, enabled
+        self.csv_path = os.path.join(run_dir, "metrics.csv")
+        self.writer = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        rows = read_metrics(self.csv_path) if resume_step is not None else []
+        # A resumed run replays the steps after its checkpoint: drop the rows the killed run logged past it.
+        rows = [r for r in rows if r["step"] <= (resume_step or 0)]
+        with open(self.csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r[k] is None else (int(r[k]) if k == "step" else r[k])) for k in FIELDS})
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step)
+
+    def log(self, step: int, split: str, **values: float | None) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "split": split, **{k: values.get(k) for k in FIELDS[2:]}}
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=FIELDS).writerow({k: "" if v is None else v for k, v in row.items()})
+        for k, v in values.items():
+            if v is not None and self.writer is not None:
+                self.writer.add_scalar(f"{split}/{k}", v, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def plot_curves(csv_path: str, out_path: str) -> None:
+    """curves.png: train/test loss, test accuracy and lr against step (matplotlib Agg, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(csv_path)
+    train = [r for r in rows if r["split"] == "train"]
+    test = [r for r in rows if r["split"] == "test"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=0.8)
+    ax.plot([r["step"] for r in test], [r["loss"] for r in test], "o-", label="test")
+    ax.set(title="loss", xlabel="step")
+    ax.legend()
+    axes[1].plot([r["step"] for r in test], [100 * r["accuracy"] for r in test], "o-")
+    axes[1].set(title="test accuracy (%)", xlabel="step")
+    axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[2].set(title="learning rate", xlabel="step")
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_path)
