@@ -286,3 +286,24 @@ def test_loading_does_not_double_memory(tmp_path, construction):
     assert result["loaded"] == len(names)
     growth = result["peak"] - result["base"]
     assert growth <= 1.25 * size, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB file"
+
+
+def test_damaged_member_says_the_model_is_partially_loaded(tmp_path):
+    # Every header is intact (shapes check out up front), but the largest member's data fails its CRC-32
+    # past what the header check reads, so the failure comes mid-load and must say so.
+    import zipfile
+
+    cfg = ViTConfig(patch_size=16, hidden_size=64, mlp_dim=128, num_heads=2, num_layers=1)
+    src = VisionTransformer(cfg, img_size=32, num_classes=3, backend="torch")
+    path = vitcore.save_npz(src, tmp_path / "m.npz")
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.compress_size)
+    assert info.compress_size > 100_000
+    raw = bytearray(open(path, "rb").read())
+    name_len, extra_len = np.frombuffer(raw[info.header_offset + 26 : info.header_offset + 30], "<u2")
+    data_end = info.header_offset + 30 + int(name_len) + int(extra_len) + info.compress_size
+    raw[data_end - 1] ^= 0x40
+    open(path, "wb").write(bytes(raw))
+    dst = VisionTransformer(cfg, img_size=32, num_classes=3, backend="torch")
+    with pytest.raises(NpzError, match=r"CRC.*\n\(model left partially loaded: \d+ of \d+ arrays copied"):
+        vitcore.load_pretrained(dst, path)

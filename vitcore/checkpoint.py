@@ -337,11 +337,18 @@ def load_pretrained(
         params[param_of[key]].zero_()
     # From a path, read one array at a time and drop it after the copy: only one array of the file
     # is ever resident next to the model (load_npz's tensors keep their mapping alive otherwise).
-    for row in rows:
-        if path is None:
-            array = arrays[file_key[row.key]]
-        else:
-            array = load_npz(path, keys=[file_key[row.key]])[file_key[row.key]]
+    for done, row in enumerate(rows):
+        try:
+            if path is None:
+                array = arrays[file_key[row.key]]
+            else:
+                array = load_npz(path, keys=[file_key[row.key]])[file_key[row.key]]
+        except NpzError as e:
+            # Shapes were all checked up front, so only a damaged member gets here; say what state the model is in.
+            raise NpzError(
+                f"{e}\n(model left partially loaded: {done} of {len(rows)} arrays copied; rebuild the model "
+                "before loading another checkpoint into it)"
+            ) from e
         if row.layout == "posemb" and tuple(array.shape) != row.shape:
             array = resize_pos_embedding(array.to(torch.float64), model.num_prefix_tokens, model.grid_size)
         _target(params[row.param], row).copy_(_to_torch(array, row))
