@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+import vitcore
 from vitcore import VisionTransformer, ViTConfig, ops
 
 # Without CUDA the kernels run in the interpreter in exact fp32; on a GPU, fp32 tl.dot may use TF32.
@@ -98,16 +99,20 @@ def test_triton_return_attention_gives_the_torch_probabilities():
         assert_close_rel(a, b, FWD_TOL, "probs")
 
 
+# Full-width layers of the zoo (two blocks each, to keep the GPU check short): ViT-B_16, ViT-H_14 (head_dim 80),
+# and a hybrid with a ResNet stem.
+BF16_CASES = {
+    "vit_b16": (vitcore.CONFIGS["ViT-B_16"].replace(num_layers=2), 224),
+    "vit_h14": (vitcore.CONFIGS["ViT-H_14"].replace(num_layers=2, dropout=0.0), 224),
+    "hybrid": (ViTConfig(patch_size=1, resnet_layers=(1, 1), resnet_width=1.0, num_layers=2), 64),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_triton_bf16_error_is_bounded_by_torch_bf16_error_on_cuda(hybrid):
-    """ViT-B_16-wide layers under bf16 autocast: triton's error vs fp32 <= 2x torch's own bf16 error (+ slack)."""
-    if hybrid:
-        cfg = ViTConfig(patch_size=1, resnet_layers=(1, 1), resnet_width=1.0, num_layers=2)
-        img = 64
-    else:
-        cfg = ViTConfig(patch_size=16, hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=2)
-        img = 224
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_triton_bf16_error_is_bounded_by_torch_bf16_error_on_cuda(case):
+    """Zoo-width layers under bf16 autocast: triton's error vs fp32 <= 2x torch's own bf16 error (+ slack)."""
+    cfg, img = BF16_CASES[case]
     ref, fast = twin_models(cfg, img, device="cuda")
     x = torch.randn(8, 3, img, img, device="cuda")
 
