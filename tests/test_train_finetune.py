@@ -209,3 +209,31 @@ def test_gradient_accumulation_matches_the_full_batch(image_folder, tmp_path):
         weights.append(ck["model"])
     for k, v in weights[0].items():
         assert torch.allclose(v, weights[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_resume_with_other_precision_or_inputs(work, capsys):
+    # An fp32 run's last.pt holds the state of a disabled GradScaler ({}): resuming it with --fp16 must start a
+    # fresh scaler, not fail in GradScaler.load_state_dict.
+    common = ("--eval_every", "2", "--dropout", "0", "--precision", "fp32")
+    assert finetune.main(_args(work, "prec", "--num_steps", "2", *common)) == 0
+    assert finetune.main(_args(work, "prec", "--num_steps", "3", *common[:-2], "--fp16", "--resume")) == 0
+    ck = load_checkpoint(str(work / "runs" / "prec" / "last.pt"))
+    assert ck["step"] == 3 and ck["scaler"] and ck["args"]["precision"] == "fp16"
+    capsys.readouterr()
+    # Another image size would not fit the position embeddings: one line, exit 2, no traceback.
+    assert finetune.main(_args(work, "prec", "--num_steps", "4", *common, "--resume", "--img_size", "48")) == 2
+    assert "--img_size 32" in _one_error_line(capsys)
+
+
+def test_resume_of_a_longer_finished_run_keeps_its_step(work):
+    # Resuming a 3-step run with --num_steps 2 trains nothing; last.pt must not be relabelled as step 2.
+    common = ("--eval_every", "3", "--dropout", "0")
+    assert finetune.main(_args(work, "done", "--num_steps", "3", *common)) == 0
+    before = load_checkpoint(str(work / "runs" / "done" / "last.pt"))
+    assert finetune.main(_args(work, "done", "--num_steps", "2", *common, "--resume")) == 0
+    after = load_checkpoint(str(work / "runs" / "done" / "last.pt"))
+    assert after["step"] == 3 and after["best_step"] == 3
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k]), k
+    with open(work / "runs" / "done" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "test"] == [3, 3]

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from cifar_fixtures import make_cifar10_tarball
+from cifar_fixtures import make_cifar10, make_cifar10_tarball
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -113,6 +113,17 @@ def test_augment_crop_equals_slice_at_native_size():
 
 
 # ---------------------------------------------------------------- args
+
+
+def test_args_accept_a_jeonsworld_command_line_unchanged():
+    # Its README: python3 train.py --name cifar10-100_500 --dataset cifar10 --model_type ViT-B_16
+    #   --pretrained_dir checkpoint/ViT-B_16.npz --fp16 --fp16_opt_level O2 (plus --local_rank from the launcher)
+    a = parse_args(["--name", "cifar10-100_500", "--dataset", "cifar10", "--model_type", "ViT-B_16",
+                    "--pretrained_dir", "checkpoint/ViT-B_16.npz", "--fp16", "--fp16_opt_level", "O2",
+                    "--loss_scale", "0", "--local_rank", "3"])
+    assert (a.precision, a.model_type, a.dataset, a.name) == ("fp16", "ViT-B_16", "cifar10", "cifar10-100_500")
+    with pytest.raises(UsageError, match="invalid int value"):
+        parse_args(["--local_rank", "x"])
 
 
 def test_args_accept_both_spellings_and_fp16_alias():
@@ -304,3 +315,134 @@ def test_metrics_resume_drops_rows_after_checkpoint_and_plots(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run, "tensorboard")))
     assert math.isfinite(rows[0]["loss"])
+
+
+# ---------------------------------------------------------------- finetune wiring (no training)
+
+
+def _png(path, value: int, size=(8, 8)) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.full((*size, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_pretrained_dir_may_be_a_folder_holding_the_model_file(tmp_path):
+    from train.finetune import _pretrained_path
+
+    args = parse_args(["--model_type", "ViT-B_32", "--pretrained_dir", str(tmp_path)])
+    assert _pretrained_path(args) == os.path.join(str(tmp_path), "ViT-B_32.npz")
+    args = parse_args(["--model_type", "ViT-B_32", "--pretrained-dir", str(tmp_path / "mine.npz")])
+    assert _pretrained_path(args) == str(tmp_path / "mine.npz")
+    assert _pretrained_path(parse_args(["--pretrained_dir", "None"])) is None
+    assert _pretrained_path(parse_args(["--model_type", "ViT-L_16"])) == os.path.join("checkpoint", "ViT-L_16.npz")
+
+
+def test_load_data_reads_each_split_once(tmp_path, monkeypatch):
+    # Decoding an image folder is the slow part of start-up: the training split must not be read twice.
+    import train.data as data_mod
+    from train.distributed import DistInfo
+    from train.finetune import _load_data
+
+    for split in ("train", "test"):
+        for k, cls in enumerate(["a", "b"]):
+            _png(str(tmp_path / split / cls / "0.png"), 60 * k)
+    calls = []
+    real = data_mod.load_imagefolder
+    monkeypatch.setattr(data_mod, "load_imagefolder", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    args = parse_args(["--dataset", "imagefolder", "--data_dir", str(tmp_path), "--img_size", "16",
+                       "--model_type", "testing", "--no_progress"])
+    train_set, test_set = _load_data(args, DistInfo(0, 0, 1, torch.device("cpu")))
+    assert sorted(calls) == ["test", "train"]
+    assert len(train_set) == len(test_set) == 2 and train_set.images.shape[-1] == 16
+
+
+def test_imagefolder_test_split_with_an_unknown_class_is_refused(tmp_path):
+    from train.data import load_imagefolder
+
+    for cls in ("a", "b", "c"):
+        _png(str(tmp_path / "test" / cls / "0.png"), 10)
+    os.makedirs(tmp_path / "test" / "empty")
+    # Dropping class c's images would report accuracy on part of the test set.
+    with pytest.raises(UsageError, match="not trained on: c"):
+        load_imagefolder(str(tmp_path), "test", 8, classes=["a", "b"])
+    assert len(load_imagefolder(str(tmp_path), "test", 8, classes=["a", "b", "c"])) == 3
+
+
+def test_metrics_resume_keeps_the_checkpoint_steps_tensorboard_events(tmp_path):
+    # The killed run evaluated at step 4 (its last.pt) and logged up to 6; the resumed run starts at step 5, so
+    # TensorBoard must drop steps 5 and 6 only, not the step-4 test accuracy nobody will log again.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = str(tmp_path / "run")
+    log = MetricsLogger(run)
+    for step in range(1, 7):
+        log.log(step, "train", loss=1.0 / step, lr=0.1)
+    log.log(4, "test", loss=0.5, accuracy=0.9)
+    log.close()
+    resumed = MetricsLogger(run, resume_step=4)
+    resumed.log(5, "train", loss=0.2, lr=0.1)
+    resumed.close()
+    events = EventAccumulator(os.path.join(run, "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    assert events.Scalars("train/loss")[-1].value == pytest.approx(0.2)
+    assert [(e.step, e.value) for e in events.Scalars("test/accuracy")] == [(4, pytest.approx(0.9))]
+
+
+def test_download_cut_short_by_the_server_leaves_nothing(tmp_path):
+    # A connection closed before Content-Length bytes reads as a quiet end of stream in http.client; a checkpoint
+    # has no md5, so without a length check the truncated file would be kept under its final name.
+    class Truncating(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 300)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Truncating)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        target = tmp_path / "checkpoint" / "ViT-B_16.npz"
+        with pytest.raises(DownloadError, match="300 of 1000 bytes") as e:
+            download(f"http://127.0.0.1:{server.server_address[1]}/ViT-B_16.npz", str(target), progress=False)
+        assert str(target) in str(e.value)
+        assert os.listdir(target.parent) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_each_node_downloads_its_own_data(tmp_path, monkeypatch):
+    # Nodes of a multi-node job need not share a filesystem: the first process of every node (LOCAL_RANK 0)
+    # fetches CIFAR, not only global rank 0; the other local ranks wait at the barrier.
+    import train.finetune as ft
+    from train.distributed import DistInfo
+
+    make_cifar10(str(tmp_path), n_train=20, n_test=10)
+    calls = []
+    record = lambda dataset, data_dir, **kw: calls.append((dataset, data_dir))  # noqa: E731
+    monkeypatch.setattr("train.download.ensure_cifar", record)
+    monkeypatch.setattr(ft, "ensure_cifar", record, raising=False)
+    args = parse_args(["--data_dir", str(tmp_path), "--img_size", "32", "--model_type", "testing", "--no_progress"])
+    cpu = torch.device("cpu")
+    ft._load_data(args, DistInfo(rank=4, local_rank=0, world_size=8, device=cpu))  # node 1's first process
+    assert calls == [("cifar10", str(tmp_path))]
+    train_set, test_set = ft._load_data(args, DistInfo(rank=5, local_rank=1, world_size=8, device=cpu))
+    assert len(calls) == 1 and len(train_set) == 20 and len(test_set) == 10
+
+
+def test_oom_advice_suggests_an_accumulation_that_passes_validation():
+    from train.finetune import _oom_advice
+
+    # 12 images per process in 4 micro-batches: doubling to 8 would be refused (12 % 8), 6 is the next that fits.
+    msg = _oom_advice(step=3, micro=3, accum=4, per_rank=12, global_batch=24)
+    assert "--gradient_accumulation_steps 6 " in msg and "at step 3" in msg
+    parse_args(["--train_batch_size", "24", "--gradient_accumulation_steps", "6"])  # accepted
+    assert "--gradient_accumulation_steps 2 " in _oom_advice(1, 512, 1, 512, 512)
+    assert "one image per micro-batch" in _oom_advice(1, 1, 8, 8, 16)

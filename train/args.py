@@ -39,7 +39,8 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     # Plain strings: the check happens in validate() so an unknown name gives one clear line with the valid ones.
     add_flag(p, "model_type", default="ViT-B_16", help="one of: " + ", ".join(vitcore.CONFIGS))
     add_flag(p, "pretrained_dir", default=None,
-             help="official .npz (default checkpoint/<model_type>.npz, downloaded when missing); 'none': scratch")
+             help="official .npz, or a folder holding <model_type>.npz (default checkpoint/<model_type>.npz, "
+                  "downloaded when missing); 'none': scratch")
     add_flag(p, "img_size", type=int, default=224)
     add_flag(p, "train_batch_size", type=int, default=512, help="effective (global) batch per optimizer step")
     add_flag(p, "eval_batch_size", type=int, default=64)
@@ -63,6 +64,13 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     add_flag(p, "device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     add_flag(p, "num_workers", type=int, default=None, help="CPU threads for torch on CPU (default: torch's)")
     add_flag(p, "no_progress", action="store_true", help="no tqdm bar (logs only)")
+    # Accepted so that jeonsworld/ViT-pytorch command lines run unchanged; they select nothing here.
+    compat = p.add_argument_group("accepted for compatibility, no effect")
+    add_flag(compat, "fp16_opt_level", default=None,
+             help="apex's level (O1/O2): native AMP is used instead (--precision fp16 = apex O1)")
+    add_flag(compat, "loss_scale", type=float, default=None, help="apex's loss scale: the GradScaler is dynamic")
+    add_flag(compat, "local_rank", type=int, default=None,
+             help="set by torch.distributed.launch: the rank is read from LOCAL_RANK/RANK/WORLD_SIZE")
     return p
 
 

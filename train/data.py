@@ -97,12 +97,25 @@ def load_image(path: str, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
+def _has_images(folder: str) -> bool:
+    return any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder))
+
+
 def load_imagefolder(root: str, split: str, size: int, classes: list[str] | None = None) -> ImageSet:
     """`root/<split>/<class>/*.jpg|png`, each image resized to size x size (kept in memory as uint8)."""
     base = os.path.join(root, split)
     if not os.path.isdir(base):
         raise FileNotFoundError(f"image folder {base} does not exist (expected {root}/{{train,test}}/<class>/*.jpg)")
-    classes = classes or sorted(e.name for e in os.scandir(base) if e.is_dir())
+    found = sorted(e.name for e in os.scandir(base) if e.is_dir())
+    if classes is None:
+        classes = found
+    elif extra := [c for c in found if c not in classes and _has_images(os.path.join(base, c))]:
+        # Skipping them would silently evaluate on part of the test set.
+        from .args import UsageError
+
+        raise UsageError(f"{base} has class folders the model was not trained on: {', '.join(extra[:5])}"
+                         f"{' ...' if len(extra) > 5 else ''} (its classes: {', '.join(classes[:10])}"
+                         f"{' ...' if len(classes) > 10 else ''})")
     images, labels = [], []
     for k, cls in enumerate(classes):
         folder = os.path.join(base, cls)

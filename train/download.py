@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tarfile
 import tempfile
@@ -64,13 +65,23 @@ def download(url: str, path: str, md5: str | None = None, progress: bool = True,
                 reason = getattr(e, "reason", e)
                 raise DownloadError(f"cannot download {url} ({reason}); download it by hand and put it at {path}") \
                     from None
+            received = 0
             with response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                           desc=os.path.basename(path)) as bar:
-                    while block := response.read(1 << 20):
-                        out.write(block)
-                        bar.update(len(block))
+                    try:
+                        while block := response.read(1 << 20):
+                            out.write(block)
+                            received += len(block)
+                            bar.update(len(block))
+                    except (OSError, http.client.HTTPException) as e:
+                        raise DownloadError(f"download of {url} broke off after {received} bytes ({e!r}); nothing "
+                                            f"was kept. Retry, or download it by hand and put it at {path}") from None
+            # http.client ends a read quietly when the server closes early; checkpoints have no md5 to catch it.
+            if total is not None and received != total:
+                raise DownloadError(f"download of {url} ended after {received} of {total} bytes; nothing was kept. "
+                                    f"Retry, or download it by hand and put it at {path}")
         if md5 is not None:
             got = md5sum(tmp)
             if got != md5.lower():

@@ -26,7 +26,7 @@ from .args import UsageError, parse_args
 from .checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .cli import TrainingError, autocast_dtype, one_line, run_cli
 from .data import ImageSet, StepSampler, augment_batch, crop_params, load_split
-from .download import ensure_checkpoint
+from .download import CIFAR, ensure_checkpoint, ensure_cifar
 from .evaluate import evaluate_model
 from .flops import mfu
 from .metrics import MetricsLogger, plot_curves, write_args_json
@@ -35,6 +35,16 @@ from .schedule import WarmupDecaySchedule
 __all__ = ["main", "train"]
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _oom_advice(step: int, micro: int, accum: int, per_rank: int, global_batch: int) -> str:
+    """What to do after running out of memory: the next accumulation count that divides the per-process batch
+    (doubling may not: 12 images per process with 4 micro-batches cannot take 8)."""
+    head = f"out of memory at step {step} with {micro} images per micro-batch per process; "
+    more = next((a for a in range(accum + 1, per_rank + 1) if per_rank % a == 0), None)
+    if more is None:
+        return head + "already one image per micro-batch: try a smaller --img_size or --model_type, or more GPUs"
+    return head + f"try --gradient_accumulation_steps {more} (the effective batch stays {global_batch})"
 
 
 def _resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
@@ -53,13 +63,18 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 def _pretrained_path(args: argparse.Namespace) -> str | None:
     if args.pretrained_dir is not None and args.pretrained_dir.lower() == "none":
         return None
-    return args.pretrained_dir or os.path.join("checkpoint", f"{args.model_type}.npz")
+    path = args.pretrained_dir or os.path.join("checkpoint", f"{args.model_type}.npz")
+    # The flag's name says "dir" (and vit_jax's --pretrained_dir is a folder): a folder holds <model_type>.npz.
+    if os.path.isdir(path):
+        path = os.path.join(path, f"{args.model_type}.npz")
+    return path
 
 
 def _load_data(args: argparse.Namespace, dist: distributed.DistInfo) -> tuple[ImageSet, ImageSet]:
-    # Rank 0 downloads; the others wait, then everyone reads the extracted files.
-    if dist.is_main:
-        load_split(args.dataset, args.data_dir, True, args.img_size, download=True, progress=not args.no_progress)
+    # The first process of each node downloads (nodes need not share a filesystem; where they do, the temp file +
+    # rename keeps concurrent downloads whole); the others wait, then everyone reads the files (each split once).
+    if dist.local_rank == 0 and args.dataset in CIFAR:
+        ensure_cifar(args.dataset, args.data_dir, progress=dist.is_main and not args.no_progress)
     distributed.barrier()
     train_set = load_split(args.dataset, args.data_dir, True, args.img_size, download=False)
     test_set = load_split(args.dataset, args.data_dir, False, args.img_size, classes=train_set.classes,
@@ -73,8 +88,8 @@ def _build_model(args: argparse.Namespace, cfg: vitcore.ViTConfig, num_classes: 
     model = vitcore.VisionTransformer(cfg, img_size=args.img_size, num_classes=num_classes, backend=args.backend)
     path = _pretrained_path(args)
     if path is not None and load:
-        if dist.is_main:
-            ensure_checkpoint(args.model_type, path, progress=not args.no_progress)
+        if dist.local_rank == 0:  # one download per node, as for the data
+            ensure_checkpoint(args.model_type, path, progress=dist.is_main and not args.no_progress)
         distributed.barrier()
         try:
             report = vitcore.load_pretrained(model, path)
@@ -147,6 +162,9 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
         if (sampler_state["seed"], sampler_state["batch_size"]) != (args.seed, args.train_batch_size):
             raise UsageError(f"--resume: {last_path} was trained with --seed {sampler_state['seed']} "
                              f"--train_batch_size {sampler_state['batch_size']}; pass the same values")
+        if resume_ck.get("img_size") != args.img_size:
+            raise UsageError(f"--resume: {last_path} was trained at --img_size {resume_ck.get('img_size')}, "
+                             f"not {args.img_size}; pass the same value")
 
     train_set, test_set = _load_data(args, dist)
     # A resumed run takes its weights from last.pt: no need to read (or download) the pretrained file.
@@ -157,9 +175,14 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     start_step, best = 0, (-1.0, 0)
     if resume_ck is not None:
+        if list(resume_ck.get("classes", [])) != list(train_set.classes):
+            raise UsageError(f"--resume: {last_path} was trained on other classes ({resume_ck.get('num_classes')}) "
+                             f"than --dataset {args.dataset} has in {args.data_dir} ({len(train_set.classes)})")
         model.load_state_dict(resume_ck["model"])
         optimizer.load_state_dict(resume_ck["optimizer"])
-        scaler.load_state_dict(resume_ck["scaler"])
+        # A disabled scaler (fp32/bf16) saves {}: resuming such a run with fp16 starts a fresh scaler.
+        if resume_ck["scaler"]:
+            scaler.load_state_dict(resume_ck["scaler"])
         set_rng_state(resume_ck["rng"])
         start_step, best = resume_ck["step"], (resume_ck["best_accuracy"], resume_ck["best_step"])
         del resume_ck
@@ -187,7 +210,12 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
 
     def do_eval(step: int) -> None:
         nonlocal best, last_eval
-        loss, acc = evaluate_model(model, test_set, args.img_size, args.eval_batch_size, precision, rank, world)
+        try:
+            loss, acc = evaluate_model(model, test_set, args.img_size, args.eval_batch_size, precision, rank, world)
+        except _OOM:
+            raise TrainingError(f"out of memory evaluating at step {step} with --eval_batch_size "
+                                f"{args.eval_batch_size}; try --eval_batch_size {max(1, args.eval_batch_size // 2)}"
+                                ) from None
         last_eval = (loss, acc)
         if not dist.is_main:
             return
@@ -226,9 +254,7 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
                     scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach()
         except _OOM:
-            raise TrainingError(
-                f"out of memory at step {step} with {micro} images per micro-batch per process; try "
-                f"--gradient_accumulation_steps {accum * 2} (the effective batch stays {global_batch})") from None
+            raise TrainingError(_oom_advice(step, micro, accum, per_rank, global_batch)) from None
         step_loss = distributed.all_reduce_sum(loss_sum / accum) / world
         loss_value = step_loss.item()
         if not math.isfinite(loss_value):
@@ -256,7 +282,7 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
         if step % args.eval_every == 0 or step == args.num_steps:
             do_eval(step)
     if start_step >= args.num_steps:  # resumed a finished run: evaluate once so the summary has numbers
-        do_eval(args.num_steps)
+        do_eval(start_step)  # the weights are those of step start_step, even when --num_steps is now lower
     bar.close()
     if dist.is_main:
         logger.close()

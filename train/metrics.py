@@ -51,7 +51,9 @@ class MetricsLogger:
                 w.writerow({k: ("" if r[k] is None else (int(r[k]) if k == "step" else r[k])) for k in FIELDS})
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step)
+        # purge_step drops events at steps >= it; the checkpoint's own step (its test accuracy) stays.
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
 
     def log(self, step: int, split: str, **values: float | None) -> None:
         if not self.enabled:
