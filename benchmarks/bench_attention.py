@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_table, require_cuda, results_dir, tflops, time_fwd_bwd, write_csv
+from benchmarks.common import measure, print_table, require_cuda, results_dir, tflops, write_csv
 
 # (model, image size) -> (B, H, N, D); batches sized so the math baseline's N x N scores fit an 80 GB card.
 SHAPES = [
@@ -58,17 +57,6 @@ def sdpa_with(backend):
             return F.scaled_dot_product_attention(q, k, v)
 
     return fn
-
-
-def measure_into(times, label, fn, base, do, tag):
-    t0 = time.time()
-    try:
-        times[label] = time_fwd_bwd(fn, (base,), do, views=lambda qkv: qkv.permute(2, 0, 3, 1, 4).unbind(0))
-    except Exception as e:  # a backend that does not support this shape/dtype
-        print(f"  {tag} {label}: skipped ({type(e).__name__}: {str(e)[:120]})")
-        return
-    pretty = ", ".join(f"{m} {ms:.3f} ms" for m, ms in times[label].items())
-    print(f"  {tag} {label}: {pretty} ({time.time() - t0:.1f}s incl. compile)", flush=True)
 
 
 def shape_rows(name, B, H, N, D, dtype, times):
@@ -136,7 +124,9 @@ def main() -> None:
             times: dict[str, dict[str, float]] = {}
             for label, fn, autotune in plan:
                 os.environ["VITCORE_ATTN_AUTOTUNE"] = autotune
-                measure_into(times, label, fn, base, do, tag)
+                t = measure(label, fn, (base,), do, tag, views=lambda qkv: qkv.permute(2, 0, 3, 1, 4).unbind(0))
+                if t is not None:
+                    times[label] = t
                 write_csv(out_csv, rows + shape_rows(name, B, H, N, D, dtype, times))
             os.environ["VITCORE_ATTN_AUTOTUNE"] = "0"
             for kind, tuner in attn_mod._AUTOTUNED.items():

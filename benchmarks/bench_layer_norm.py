@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import gbps, print_table, require_cuda, results_dir, time_fwd_bwd, write_csv
+from benchmarks.common import gbps, measure, print_table, require_cuda, results_dir, write_csv
 
 # (model, image size, width, tokens per image incl. the class token)
 MODELS = [
@@ -92,10 +91,9 @@ def main() -> None:
             tag = f"{name} B={batch} ({m}, {n}) {str(dtype).removeprefix('torch.')}"
             times = {}
             for label, fn in impls.items():
-                t0 = time.time()
-                times[label] = time_fwd_bwd(fn, (x, w, b), dy)
-                pretty = ", ".join(f"{md} {ms:.3f} ms" for md, ms in times[label].items())
-                print(f"  {tag} {label}: {pretty} ({time.time() - t0:.1f}s incl. compile)", flush=True)
+                t = measure(label, fn, (x, w, b), dy, tag)
+                if t is not None:
+                    times[label] = t
             for mode in MODES:
                 for label, t in times.items():
                     rate = gbps(bytes_moved(mode, m, n, x.element_size(), w.element_size()), t[mode])

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import print_table, require_cuda, results_dir, tflops, time_fwd_bwd, write_csv
+from benchmarks.common import measure, print_table, require_cuda, results_dir, tflops, write_csv
 
 # (model, image size, batch, tokens per image, in features K, out features N)
 SHAPES = [
@@ -75,10 +74,9 @@ def main() -> None:
             tag = f"{name} ({m}, {k} -> {n}) {str(dtype).removeprefix('torch.')}"
             times = {}
             for label, fn in impls.items():
-                t0 = time.time()
-                times[label] = time_fwd_bwd(fn, (x, w, b), dy)
-                pretty = ", ".join(f"{md} {ms:.3f} ms" for md, ms in times[label].items())
-                print(f"  {tag} {label}: {pretty} ({time.time() - t0:.1f}s incl. compile/autotune)", flush=True)
+                t = measure(label, fn, (x, w, b), dy, tag)
+                if t is not None:
+                    times[label] = t
             for role, tuner in _TUNED.items():
                 print(f"  autotune {role}: {getattr(tuner, 'best_config', None)}")
             for mode in MODES:

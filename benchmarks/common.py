@@ -6,6 +6,7 @@ import csv
 import datetime as _dt
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 __all__ = [
     "device_name", "require_cuda", "write_csv", "print_table", "results_dir", "tflops", "gbps", "time_fwd_bwd",
+    "measure",
 ]
 
 
@@ -75,6 +77,22 @@ def time_fwd_bwd(
     fwd_bwd()
     return {mode: do_bench(f, warmup=25, rep=100, return_mode="median")
             for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}  # fmt: skip
+
+
+def measure(
+    label: str, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, tag: str,
+    views: Callable[..., Sequence[torch.Tensor]] | None = None,
+) -> dict[str, float] | None:
+    """time_fwd_bwd with a progress line; None (and a 'skipped' line) when `fn` cannot run this shape/dtype."""
+    t0 = time.time()
+    try:
+        times = time_fwd_bwd(fn, inputs, grad_out, views=views)
+    except Exception as e:  # e.g. an SDPA backend without support for this head_dim
+        print(f"  {tag} {label}: skipped ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        return None
+    pretty = ", ".join(f"{mode} {ms:.3f} ms" for mode, ms in times.items())
+    print(f"  {tag} {label}: {pretty} ({time.time() - t0:.1f}s incl. compile/autotune)", flush=True)
+    return times
 
 
 def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
