@@ -11,6 +11,7 @@ import os
 import pickle
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -380,6 +381,9 @@ def test_metrics_resume_keeps_the_checkpoint_steps_tensorboard_events(tmp_path):
         log.log(step, "train", loss=1.0 / step, lr=0.1)
     log.log(4, "test", loss=0.5, accuracy=0.9)
     log.close()
+    # TensorBoard reads event files in name order: <unix seconds>.<host>.<pid>.<per-process counter>. A real resume
+    # is a later process; here, a later second keeps the counter's lexicographic order ("10" < "9") out of it.
+    time.sleep(1.1)
     resumed = MetricsLogger(run, resume_step=4)
     resumed.log(5, "train", loss=0.2, lr=0.1)
     resumed.close()
