@@ -450,3 +450,12 @@ def test_oom_advice_suggests_an_accumulation_that_passes_validation():
     parse_args(["--train_batch_size", "24", "--gradient_accumulation_steps", "6"])  # accepted
     assert "--gradient_accumulation_steps 2 " in _oom_advice(1, 512, 1, 512, 512)
     assert "one image per micro-batch" in _oom_advice(1, 1, 8, 8, 16)
+
+
+def test_resume_names_schedule_flags_that_changed():
+    from train.finetune import _changed_schedule_flags
+
+    saved = vars(parse_args(["--num_steps", "500", "--learning_rate", "0.03"]))
+    assert _changed_schedule_flags(saved, parse_args(["--num_steps", "500", "--learning_rate", "0.03"])) == ""
+    changed = _changed_schedule_flags(saved, parse_args(["--num_steps", "1000", "--learning_rate", "0.03"]))
+    assert changed == "--num_steps 500 -> 1000"

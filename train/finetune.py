@@ -60,6 +60,15 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 999_983 + step * 7_919 + 17) % (2**63 - 1)
 
 
+_SCHEDULE_FLAGS = ("learning_rate", "num_steps", "warmup_steps", "decay_type", "weight_decay", "max_grad_norm")
+
+
+def _changed_schedule_flags(saved: dict[str, Any], args: argparse.Namespace) -> str:
+    """'--flag old -> new' for each optimisation flag that differs from the checkpoint's run ('' if none)."""
+    return ", ".join(f"--{k} {saved[k]} -> {getattr(args, k)}" for k in _SCHEDULE_FLAGS
+                     if k in saved and saved[k] != getattr(args, k))
+
+
 def _pretrained_path(args: argparse.Namespace) -> str | None:
     if args.pretrained_dir is not None and args.pretrained_dir.lower() == "none":
         return None
@@ -165,6 +174,11 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
         if resume_ck.get("img_size") != args.img_size:
             raise UsageError(f"--resume: {last_path} was trained at --img_size {resume_ck.get('img_size')}, "
                              f"not {args.img_size}; pass the same value")
+        # The schedule is rebuilt from this command line (as the official code does): allowed, but never silent.
+        changed = _changed_schedule_flags(resume_ck.get("args", {}), args)
+        if changed and dist.is_main:
+            print(f"note: --resume with a different schedule than {last_path} was trained with: {changed}",
+                  file=sys.stderr)
 
     train_set, test_set = _load_data(args, dist)
     # A resumed run takes its weights from last.pt: no need to read (or download) the pretrained file.
