@@ -97,18 +97,33 @@ void copy_swapped(uint8_t* dst, const uint8_t* src, uint64_t n, int64_t itemsize
   }
 }
 
-// Plans a stored member: its npy header is read straight from the mapping.
-void plan_stored(Job& job, const std::shared_ptr<MappedFile>& map, const Where& where) {
-  const ZipMember& m = *job.member;
-  NPZ_CHECK(where, m.compressed_size == m.size,
-            "stored member's compressed size " + std::to_string(m.compressed_size) + " differs from its size " +
-                std::to_string(m.size) + " (corrupt)");
-  const uint8_t* src = map->data() + job.offset;
-  job.header = parse_npy_header(src, m.size, where);
-  const NpyHeader& h = job.header;
+// The array bytes after the header must be exactly what the shape and dtype need.
+void check_data_size(const NpyHeader& h, const ZipMember& m, const Where& where) {
   NPZ_CHECK(where, m.size - h.header_size == h.nbytes,
             "npy shape (" + c10::Join(", ", h.shape) + ") of " + c10::toString(h.dtype) + " needs " +
                 std::to_string(h.nbytes) + " bytes but the member holds " + std::to_string(m.size - h.header_size));
+}
+
+void check_method(const ZipMember& m, const Where& where) {
+  NPZ_CHECK(where, m.method == kZipStored || m.method == kZipDeflated,
+            "unsupported zip compression method " + std::to_string(m.method) +
+                " (numpy writes 0 = stored or 8 = deflated)");
+}
+
+// The npy header of a stored member, read straight from the mapping (nothing past it is touched).
+NpyHeader stored_header(const uint8_t* base, uint64_t offset, const ZipMember& m, const Where& where) {
+  NPZ_CHECK(where, m.compressed_size == m.size,
+            "stored member's compressed size " + std::to_string(m.compressed_size) + " differs from its size " +
+                std::to_string(m.size) + " (corrupt)");
+  NpyHeader h = parse_npy_header(base + offset, m.size, where);
+  check_data_size(h, m, where);
+  return h;
+}
+
+// Plans a stored member: its npy header is read straight from the mapping.
+void plan_stored(Job& job, const std::shared_ptr<MappedFile>& map, const Where& where) {
+  job.header = stored_header(map->data(), job.offset, *job.member, where);
+  const NpyHeader& h = job.header;
   uint8_t* data = map->writable_data() + job.offset + h.header_size;
   if (h.nbytes == 0) {
     job.plan = Plan::kCopy;  // nothing to copy; an empty tensor needs no view
@@ -211,16 +226,17 @@ class Inflater {
   const Where& where_;
 };
 
-// Inflates a deflated member: its npy header first (to size the tensor), then straight into
-// the tensor's memory.
-void run_inflate(Job& job, const uint8_t* base, bool verify, const Where& where) {
-  const ZipMember& m = *job.member;
+void check_deflate_ratio(const ZipMember& m, const Where& where) {
   NPZ_CHECK(where, m.size / kMaxDeflateRatio <= m.compressed_size,
             "claims " + std::to_string(m.size) + " bytes inflated from " + std::to_string(m.compressed_size) +
                 ", more than deflate can expand (corrupt)");
-  Inflater inflater(base + job.offset, m.compressed_size, where);
+}
+
+// Inflates a deflated member's npy header, and no more than that (plus, for a header shorter
+// than the preamble's 12 bytes, the few array bytes read with it), into `head`.
+NpyHeader inflate_header(Inflater& inflater, const ZipMember& m, std::vector<uint8_t>& head, const Where& where) {
   const std::string short_msg = "inflates to fewer bytes than the zip's size " + std::to_string(m.size);
-  std::vector<uint8_t> head(std::min<uint64_t>(kNpyPreamble, m.size));
+  head.assign(std::min<uint64_t>(kNpyPreamble, m.size), 0);
   NPZ_CHECK(where, inflater.read(head.data(), head.size()) == head.size(), short_msg);
   const uint64_t header_size = npy_header_size(head.data(), head.size(), where);
   NPZ_CHECK(where, header_size <= m.size,
@@ -233,11 +249,21 @@ void run_inflate(Job& job, const uint8_t* base, bool verify, const Where& where)
     head.resize(header_size);
     NPZ_CHECK(where, inflater.read(head.data() + have, header_size - have) == header_size - have, short_msg);
   }
-  job.header = parse_npy_header(head.data(), header_size, where);
+  NpyHeader h = parse_npy_header(head.data(), header_size, where);
+  check_data_size(h, m, where);
+  return h;
+}
+
+// Inflates a deflated member: its npy header first (to size the tensor), then straight into
+// the tensor's memory.
+void run_inflate(Job& job, const uint8_t* base, bool verify, const Where& where) {
+  const ZipMember& m = *job.member;
+  check_deflate_ratio(m, where);
+  Inflater inflater(base + job.offset, m.compressed_size, where);
+  std::vector<uint8_t> head;
+  job.header = inflate_header(inflater, m, head, where);
   const NpyHeader& h = job.header;
-  NPZ_CHECK(where, m.size - h.header_size == h.nbytes,
-            "npy shape (" + c10::Join(", ", h.shape) + ") of " + c10::toString(h.dtype) + " needs " +
-                std::to_string(h.nbytes) + " bytes but the member holds " + std::to_string(m.size - h.header_size));
+  const uint64_t header_size = h.header_size;
   // head.size() may exceed the header if the member is tiny (fewer than 12 bytes of array data).
   uint32_t crc = verify ? crc32_update(0, head.data(), std::min<uint64_t>(head.size(), header_size)) : 0;
   at::Tensor t = allocate(h);
@@ -329,20 +355,36 @@ void run_tasks(std::vector<Job>& jobs, const std::vector<Task>& tasks, const Map
   for (std::thread& th : pool) th.join();
 }
 
+// The mapped file, its central directory, and where each member's data starts.
+struct Archive {
+  std::shared_ptr<MappedFile> map;
+  std::vector<ZipMember> members;
+  std::vector<uint64_t> offsets;  // of each member's data, from its local header
+};
+
+Archive open_archive(const std::string& path, const Where& where) {
+  Archive a;
+  a.map = std::make_shared<MappedFile>(path);
+  a.members = read_central_directory(a.map->data(), a.map->size(), where);
+  // Every member's local header is checked, not only the chosen ones': a damaged name that no
+  // longer ends in ".npy" must not make an array silently disappear from the result.
+  a.offsets.resize(a.members.size());
+  for (size_t i = 0; i < a.members.size(); ++i) {
+    a.offsets[i] = member_data_offset(a.map->data(), a.map->size(), a.members[i], where.with(a.members[i].name));
+  }
+  return a;
+}
+
 }  // namespace
 
 std::vector<std::pair<std::string, at::Tensor>> load_npz(const std::string& path,
                                                          const std::optional<std::vector<std::string>>& keys,
                                                          bool verify) {
   const Where where{path};
-  auto map = std::make_shared<MappedFile>(path);
-  const std::vector<ZipMember> members = read_central_directory(map->data(), map->size(), where);
-  // Every member's local header is checked, not only the chosen ones': a damaged name that no
-  // longer ends in ".npy" must not make an array silently disappear from the result.
-  std::vector<uint64_t> offsets(members.size());
-  for (size_t i = 0; i < members.size(); ++i) {
-    offsets[i] = member_data_offset(map->data(), map->size(), members[i], where.with(members[i].name));
-  }
+  const Archive archive = open_archive(path, where);
+  const std::shared_ptr<MappedFile>& map = archive.map;
+  const std::vector<ZipMember>& members = archive.members;
+  const std::vector<uint64_t>& offsets = archive.offsets;
   const KeyIndex index = index_keys(members);
   const std::vector<std::string> chosen = select_keys(index, keys, where);
 
@@ -357,15 +399,13 @@ std::vector<std::pair<std::string, at::Tensor>> load_npz(const std::string& path
     job.member = &members[m];
     job.offset = offsets[m];
     const Where at = where.with(job.member->name);
+    check_method(*job.member, at);
     if (job.member->method == kZipDeflated) {
       job.plan = Plan::kInflate;
       tasks.push_back(Task{j, 0, 0, job.member->compressed_size});
       total_bytes += job.member->size;
       continue;
     }
-    NPZ_CHECK(at, job.member->method == kZipStored,
-              "unsupported zip compression method " + std::to_string(job.member->method) +
-                  " (numpy writes 0 = stored or 8 = deflated)");
     plan_stored(job, map, at);
     if (!verify && job.plan == Plan::kView) continue;  // nothing to read until the tensor is used
     const uint64_t size = job.member->size;
@@ -409,6 +449,29 @@ std::vector<std::pair<std::string, at::Tensor>> load_npz(const std::string& path
       NPZ_CHECK(where.with(job.member->name), crc == job.member->crc32, msg);
     }
     out.emplace_back(std::move(job.key), std::move(job.tensor));
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, NpyHeader>> npz_index(const std::string& path) {
+  const Where where{path};
+  const Archive archive = open_archive(path, where);
+  const KeyIndex index = index_keys(archive.members);
+  std::vector<std::pair<std::string, NpyHeader>> out;
+  out.reserve(index.order.size());
+  for (const std::string& key : index.order) {
+    const size_t i = index.member_of.at(key);
+    const ZipMember& m = archive.members[i];
+    const Where at = where.with(m.name);
+    check_method(m, at);
+    if (m.method == kZipStored) {
+      out.emplace_back(key, stored_header(archive.map->data(), archive.offsets[i], m, at));
+    } else {
+      check_deflate_ratio(m, at);
+      Inflater inflater(archive.map->data() + archive.offsets[i], m.compressed_size, at);
+      std::vector<uint8_t> head;
+      out.emplace_back(key, inflate_header(inflater, m, head, at));
+    }
   }
   return out;
 }

@@ -1,4 +1,5 @@
-"""vitcore.load_npz (the C++ reader): round trips against numpy, errors, zero-copy, layouts."""
+"""vitcore.load_npz (the C++ reader): round trips against numpy, errors, zero-copy, layouts;
+npz_index (its header-only pass)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from npz_util import array_dicts as array_dicts_strategy
 from npz_util import (
+    TORCH_DTYPES,
     assert_same_arrays,
     central_entry,
     make_npy,
@@ -24,9 +25,12 @@ from npz_util import (
     official_vit_arrays,
     to_zip64,
 )
+from npz_util import array_dicts as array_dicts_strategy
 
 import vitcore
 from vitcore import NpzError, load_npz
+from vitcore.checkpoint import _npz_index
+from vitcore.npz import npz_index
 
 
 def write(tmp_path, data: bytes, name: str = "f.npz") -> str:
@@ -380,3 +384,102 @@ def test_zlib_reference_crc_is_what_the_zip_holds(tmp_path):
     payload = npy_bytes(np.arange(7, dtype=np.int64))
     data = zip_of({"a.npy": payload})
     assert struct.unpack_from("<I", data, central_entry(data, "a.npy") + 16)[0] == zlib.crc32(payload)
+
+
+# ---------------------------------------------------------------- npz_index (headers only)
+
+
+def assert_index_error(path: str, pattern: str, member: str | None = None) -> None:
+    with pytest.raises(NpzError, match=pattern) as info:
+        npz_index(path)
+    msg = str(info.value)
+    assert msg.startswith(path), msg
+    if member is not None:
+        assert f"member '{member}'" in msg, msg
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["savez", "savez_compressed"])
+@given(arrays=array_dicts_strategy())
+def test_index_matches_numpy(tmp_path_factory, compressed, arrays):
+    path = write(tmp_path_factory.mktemp("ix"), npz_bytes(arrays, compressed))
+    want = {k: (a.shape, TORCH_DTYPES[a.dtype.str[1:]]) for k, a in numpy_load(path).items()}
+    got = npz_index(path)
+    assert list(got) == list(want) and got == want
+    assert _npz_index(path) == {k: shape for k, (shape, _) in want.items()}
+
+
+def test_index_skips_non_npy_members_and_keeps_the_last_duplicate(tmp_path):
+    a, b = npy_bytes(np.zeros((2, 3), "<f4")), npy_bytes(np.zeros(5, ">i2"))
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        z.writestr("notes.txt", b"not an array")
+        z.writestr("a.npy", a)
+        z.writestr("a.npy", b)
+    path = write(tmp_path, buf.getvalue())
+    assert npz_index(path) == {"a": ((5,), torch.int16)}
+    assert {k: (tuple(t.shape), t.dtype) for k, t in load_npz(path).items()} == npz_index(path)
+
+
+def test_index_reads_no_stored_data(tmp_path):
+    data = bytearray(npz_bytes({"a": np.zeros((8, 8), np.uint8)}, compressed=False))
+    data[data.index(bytes(64)) + 3] ^= 0xFF  # a data byte: the CRC no longer matches
+    path = write(tmp_path, bytes(data))
+    assert npz_index(path) == {"a": ((8, 8), torch.uint8)}
+    with pytest.raises(NpzError, match="CRC-32 mismatch"):
+        load_npz(path)
+
+
+def test_index_inflates_only_the_header_of_a_huge_member(tmp_path):
+    # A member that claims 1 GiB inflated: its npy header, then a stored block of 1000 bytes, then
+    # an invalid block type. Only load_npz, which inflates the data, can reach the damage.
+    n = 1 << 28
+    header = make_npy(f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({n},), }}", b"")
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    stream = c.compress(header) + c.flush(zlib.Z_FULL_FLUSH)
+    stream += b"\x00" + struct.pack("<HH", 1000, 0xFFFF ^ 1000) + bytes(1000)  # stored, not final
+    stream += b"\x07" + bytes((4 * n) // 1000)  # final block of the reserved type 3: corrupt
+    data = bytearray(zip_of({"big.npy": stream}))  # stored, then relabelled as deflated below
+    entry = central_entry(bytes(data), "big.npy")
+    local = struct.unpack_from("<I", data, entry + 42)[0]
+    for method_at, size_at in ((entry + 10, entry + 24), (local + 8, local + 22)):
+        struct.pack_into("<H", data, method_at, 8)
+        struct.pack_into("<I", data, size_at, len(header) + 4 * n)
+    path = write(tmp_path, bytes(data))
+    assert npz_index(path) == {"big": ((n,), torch.float32)}
+    with pytest.raises(NpzError, match="corrupt deflate stream"):
+        load_npz(path)
+
+
+def test_index_errors(tmp_path):
+    good = npy_bytes(np.zeros(3))
+    for compressed in (False, True):
+        tag = "c" if compressed else "s"
+        bad_magic = write(tmp_path, zip_of({"m.npy": b"\x93NUMPX" + good[6:]}, compressed), f"m{tag}.npz")
+        assert_index_error(bad_magic, "bad magic", "m.npy")
+        junk = make_npy("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }x", good[-24:])
+        assert_index_error(write(tmp_path, zip_of({"j.npy": junk}, compressed), f"j{tag}.npz"), "junk", "j.npy")
+        short = make_npy("{'descr': '<f4', 'fortran_order': False, 'shape': (9,), }", bytes(12))
+        path = write(tmp_path, zip_of({"a.npy": short}, compressed), f"a{tag}.npz")
+        assert_index_error(path, "needs 36 bytes but the member holds 12", "a.npy")
+        assert_index_error(
+            write(tmp_path, npz_bytes({"x": np.zeros(2, np.complex64)}, compressed), f"x{tag}.npz"),
+            "unsupported dtype '<c8'",
+            "x.npy",
+        )
+        obj = np.empty(1, dtype=object)
+        evil = write(tmp_path, npz_bytes({"evil": obj}, compressed), f"o{tag}.npz")
+        assert_index_error(evil, "object arrays are pickles", "evil.npy")
+        with pytest.raises(NpzError, match="object arrays are pickles"):
+            _npz_index(evil)
+    # A deflated member whose zip size disagrees with what its header implies.
+    longer = write(tmp_path, _deflated_member_with_size(good, len(good) + 4), "long.npz")
+    assert_index_error(longer, "needs 24 bytes but the member holds 28", "a.npy")
+    data = bytearray(npz_bytes({"a": np.zeros(3)}, compressed=False))
+    struct.pack_into("<H", data, central_entry(bytes(data), "a.npy") + 10, 12)  # bzip2
+    assert_index_error(write(tmp_path, bytes(data), "bz.npz"), "unsupported zip compression method 12", "a.npy")
+    data = npz_bytes({"a": np.arange(100)}, compressed=False)
+    assert_index_error(write(tmp_path, data[: len(data) // 2], "t.npz"), "not a zip file")
+    with pytest.raises(FileNotFoundError):
+        npz_index(os.path.join(tmp_path, "nope.npz"))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, NpzError
-from .npz import load_npz
+from .npz import load_npz, npz_index
 from .posembed import resize_pos_embedding
 
 __all__ = ["LoadReport", "load_pretrained", "save_npz", "official_names"]
@@ -201,25 +201,12 @@ def _to_official(tensor: torch.Tensor, row: _Entry) -> torch.Tensor:
 
 
 def _npz_index(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the arrays in an npz, from the .npy headers only (no data is read)."""
-    shapes = {}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                if not name.endswith(".npy"):
-                    continue
-                with zf.open(name) as f:
-                    version = np.lib.format.read_magic(f)
-                    # Version 3.0 only differs from 2.0 in allowing utf-8 in the header.
-                    fmt = np.lib.format
-                    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                    shape, _, dtype = read(f)
-                if dtype.hasobject:
-                    raise NpzError(f"{os.fspath(path)}: member {name} holds Python objects (pickles); refusing to load")
-                shapes[name[: -len(".npy")]] = tuple(shape)
-    except (zipfile.BadZipFile, ValueError) as e:
-        raise NpzError(f"{os.fspath(path)}: not a readable .npz checkpoint ({e})") from e
-    return shapes
+    """Names and shapes of the arrays in an npz, from the .npy headers only (no data is read).
+
+    The C++ reader's header pass, so it checks what `load_npz` checks and refuses object arrays
+    (pickles) with NpzError.
+    """
+    return {name: shape for name, (shape, _) in npz_index(path).items()}
 
 
 def _style(keys: list[str]) -> str:

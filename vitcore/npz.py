@@ -1,4 +1,5 @@
-"""`load_npz`: numpy `.npz` checkpoints as torch tensors, read by the C++ extension (csrc/)."""
+"""`load_npz`: numpy `.npz` checkpoints as torch tensors, read by the C++ extension (csrc/);
+`npz_index`: their names, shapes and dtypes, from the npy headers alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["load_npz"]
+__all__ = ["load_npz", "npz_index"]
 
 
 def load_npz(
@@ -48,3 +49,22 @@ def load_npz(
     # Bytes, so that any file name the OS allows (even undecodable ones) reaches C++ unchanged.
     pairs = _C.load_npz(os.fsencode(path), names, bool(verify))
     return dict(pairs)
+
+
+def npz_index(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of the arrays of an `.npz`, from the npy headers alone.
+
+    Reads no array data: a stored member's header comes straight from the file, a deflated
+    member's by inflating just the header's bytes, however large the array. The same checks as
+    `load_npz` apply to everything read (zip structure, npy header, supported dtypes, object
+    arrays refused, the array's byte count against the member's size); CRCs are not checked.
+
+    Returns:
+        {name: (shape, dtype)} in file order; the keys and dtypes `load_npz` would give.
+
+    Raises:
+        vitcore.NpzError: the file is not a readable npz; OSError: it cannot be opened.
+    """
+    from . import _C
+
+    return {key: (tuple(shape), getattr(torch, dtype)) for key, shape, dtype in _C.npz_index(os.fsencode(path))}
