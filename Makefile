@@ -1,20 +1,26 @@
 # `make test` and `make finetune` each create .venv on first use.
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
+EXT     := .venv/.extension-built
+EXT_SRC := $(wildcard csrc/*.cpp csrc/*.h) setup.py
 PYTEST_ARGS ?=
 
 .PHONY: test finetune build lint clean
 
+# `pip install -e .` also compiles the extension in place, so the extension counts as built here.
 $(STAMP): requirements.txt setup.py
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	touch $(STAMP)
+	touch $(STAMP) $(EXT)
 
-# Incremental: ninja recompiles only the C++ files that changed.
-build: $(STAMP)
+# Rebuilt when a C++ source changes; ninja then recompiles only the files that changed.
+$(EXT): $(EXT_SRC) | $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
+	touch $(EXT)
+
+build: $(STAMP) $(EXT)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -26,4 +32,4 @@ finetune: build
 	$(PY) -m train.finetune $(ARGS)
 
 clean:
-	rm -rf build *.egg-info vitcore/*.so
+	rm -rf build *.egg-info vitcore/*.so $(EXT)
