@@ -43,6 +43,6 @@ done
 # The lease returns at most 8 files: bundle the CSVs into one archive.
 (cd "$RESULTS" && ls *.csv >/dev/null 2>&1 && tar czf csv.tar.gz *.csv && rm -f *.csv)
 
-echo "== summary ($(cat "$RESULTS/env.txt" | tail -1))"
-cat "$RESULTS/bench.log" | grep -v -E "^\s*$" | tail -80
+echo "== summary ($(tail -1 "$RESULTS/env.txt"))"
+grep -v -E "^\s*$" "$RESULTS/bench.log" | tail -80
 exit $status

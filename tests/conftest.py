@@ -12,25 +12,11 @@ if not HAS_CUDA:
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile(
-    "ci",
-    max_examples=6,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "dev",
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+# Interpreted kernels are slow and their run time varies with machine load: no deadline, no too-slow check.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=6, derandomize=True, **_COMMON)  # quick and reproducible
+settings.register_profile("dev", max_examples=20, **_COMMON)
+settings.register_profile("thorough", max_examples=100, **_COMMON)  # GPU runs
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
