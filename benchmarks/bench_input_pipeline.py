@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import device_name, print_table, results_dir, write_csv
+from benchmarks.common import print_table, results_dir, write_csv
 from train.data import StepSampler, augment_batch, crop_params
 
 DATASET_SIZE = 50_000  # CIFAR-10's training set
@@ -63,7 +63,8 @@ def main() -> None:
             rows.append({"img_size": size, "batch": args.batch_size, "out_dtype": str(dtype).replace("torch.", ""),
                          "img_per_s": ips, "ms_per_batch": 1000 * args.batch_size / ips,
                          "cpu_threads": torch.get_num_threads() if device.type == "cpu" else ""})
-    print_table(rows, title=f"input pipeline on {device_name() if device.type == 'cuda' else 'cpu'}")
+    # print_table appends the GPU's name; say so when the run was on the CPU of a GPU machine.
+    print_table(rows, title="input pipeline" + (" on cpu" if device.type == "cpu" else ""))
     write_csv(os.path.join(results_dir(), "bench_input_pipeline.csv"), rows)
 
 

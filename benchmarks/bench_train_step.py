@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 import vitcore
 from benchmarks.common import device_name, print_table, require_cuda, results_dir, write_csv
+from train.cli import autocast_dtype
 from train.flops import mfu, train_flops
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_step(cfg: vitcore.ViTConfig, img_size: int, num_classes: int, backend: str, precision: str):
@@ -32,7 +31,7 @@ def build_step(cfg: vitcore.ViTConfig, img_size: int, num_classes: int, backend:
     forward = torch.compile(model) if backend == "compile" else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    dtype = _DTYPES[precision]
+    dtype = autocast_dtype(precision)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast("cuda", dtype=dtype, enabled=precision != "fp32"):
@@ -84,7 +83,7 @@ def main() -> None:
     p.add_argument("--model_type", "--model-type", default="ViT-B_16", choices=list(vitcore.CONFIGS))
     p.add_argument("--img_size", "--img-size", type=int, default=224)
     p.add_argument("--batch_size", "--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=list(_DTYPES), default="bf16")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     p.add_argument("--backend", nargs="+", choices=["torch", "triton", "compile"],
                    default=["torch", "triton", "compile"])
     p.add_argument("--num_classes", "--num-classes", type=int, default=10)

@@ -166,9 +166,6 @@ class StepSampler:
             out[sel] = self._perm(e)[pos[sel] % self.n]
         return out
 
-    def epoch_of(self, step: int) -> float:
-        return step * self.batch_size / self.n
-
 
 def crop_params(n: int, height: int, width: int, seed: int, step: int, scale: tuple[float, float] = (0.05, 1.0),
                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False, attempts: int = 10
@@ -244,13 +241,13 @@ def augment_batch(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor
     return out.to(dtype)  # (B, 3, size, size)
 
 
-def eval_transform(images: torch.Tensor, size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def eval_transform(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize (bilinear; antialiased when shrinking) and normalise: (B, 3, H, W) uint8 -> (B, 3, size, size)."""
     x = images.to(torch.float32)
     if x.shape[-2:] != (size, size):
         shrink = size < x.shape[-1] or size < x.shape[-2]
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-    return normalize(x).to(dtype)
+    return normalize(x)
 
 
 def eval_shard(n: int, rank: int, world: int) -> torch.Tensor:

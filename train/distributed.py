@@ -24,10 +24,6 @@ class DistInfo:
         """Only rank 0 writes files and prints."""
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def setup(device: str | None = None) -> DistInfo:
     """Read RANK/LOCAL_RANK/WORLD_SIZE (set by torchrun; absent = one process) and join the process group."""

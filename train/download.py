@@ -131,11 +131,8 @@ def checkpoint_url(model_type: str) -> str:
     return CHECKPOINT_BASE_URL + model_type.replace("R50-ViT", "R50+ViT") + ".npz"
 
 
-def ensure_checkpoint(model_type: str, path: str, base_url: str | None = None, progress: bool = True) -> str:
+def ensure_checkpoint(model_type: str, path: str, progress: bool = True) -> str:
     """`path` if it exists, else the official checkpoint downloaded there."""
     if os.path.isfile(path):
         return path
-    url = checkpoint_url(model_type)
-    if base_url is not None:
-        url = base_url.rstrip("/") + "/" + url.rsplit("/", 1)[1]
-    return download(url, path, md5=None, progress=progress)
+    return download(checkpoint_url(model_type), path, md5=None, progress=progress)

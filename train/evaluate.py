@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from collections.abc import Sequence
 
@@ -29,8 +28,7 @@ def evaluate_model(model: torch.nn.Module, test: ImageSet, img_size: int, batch_
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     was_training = model.training
     model.eval()
-    amp = (torch.autocast(device.type, dtype=autocast_dtype(precision)) if precision != "fp32"
-           else contextlib.nullcontext())
+    amp = torch.autocast(device.type, dtype=autocast_dtype(precision), enabled=precision != "fp32")
     for start in range(0, idx.numel(), batch_size):
         chunk = idx[start:start + batch_size]
         x = eval_transform(test.images[chunk], img_size)  # (b, 3, S, S)

@@ -34,8 +34,6 @@ from .schedule import WarmupDecaySchedule
 
 __all__ = ["main", "train"]
 
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
 
 def _oom_advice(step: int, micro: int, accum: int, per_rank: int, global_batch: int) -> str:
     """What to do after running out of memory: the next accumulation count that divides the per-process batch
@@ -127,7 +125,7 @@ def _checkpoint_state(step: int, model: torch.nn.Module, optimizer: torch.optim.
         "img_size": args.img_size,
         "num_classes": len(train_set.classes),
         "classes": list(train_set.classes),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "best_accuracy": best[0],
         "best_step": best[1],
     }
@@ -226,7 +224,7 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
         nonlocal best, last_eval
         try:
             loss, acc = evaluate_model(model, test_set, args.img_size, args.eval_batch_size, precision, rank, world)
-        except _OOM:
+        except torch.OutOfMemoryError:
             raise TrainingError(f"out of memory evaluating at step {step} with --eval_batch_size "
                                 f"{args.eval_batch_size}; try --eval_batch_size {max(1, args.eval_batch_size // 2)}"
                                 ) from None
@@ -234,13 +232,14 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
         if not dist.is_main:
             return
         logger.log(step, "test", loss=loss, accuracy=acc, elapsed_s=time.time() - t_start)
-        if acc > best[0]:
+        logger.flush()  # metrics.csv holds every row up to `step` before a checkpoint says the run got there
+        improved = acc > best[0]
+        if improved:
             best = (acc, step)
-            save_checkpoint(_checkpoint_state(step, model, optimizer, schedule, scaler, cfg, args, train_set, best),
-                            best_path)
-        save_checkpoint(_checkpoint_state(step, model, optimizer, schedule, scaler, cfg, args, train_set, best),
-                        last_path)
-        logger.flush()
+        state = _checkpoint_state(step, model, optimizer, schedule, scaler, cfg, args, train_set, best)
+        if improved:
+            save_checkpoint(state, best_path)
+        save_checkpoint(state, last_path)
         plot_curves(logger.csv_path, os.path.join(run_dir, "curves.png"))
         bar.write(f"step {step}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  (best {100 * best[0]:.2f}% "
                   f"at step {best[1]})")
@@ -267,7 +266,7 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
                     loss = F.cross_entropy(logits.float(), y)
                     scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach()
-        except _OOM:
+        except torch.OutOfMemoryError:
             raise TrainingError(_oom_advice(step, micro, accum, per_rank, global_batch)) from None
         step_loss = distributed.all_reduce_sum(loss_sum / accum) / world
         loss_value = step_loss.item()
@@ -299,8 +298,7 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
         do_eval(start_step)  # the weights are those of step start_step, even when --num_steps is now lower
     bar.close()
     if dist.is_main:
-        logger.close()
-        plot_curves(logger.csv_path, os.path.join(run_dir, "curves.png"))
+        logger.close()  # curves.png is current: the last step (or a finished run's resume) always evaluates
         img_s = images_seen / train_time if train_time else float("nan")
         util = None
         if device.type == "cuda":

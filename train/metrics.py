@@ -35,20 +35,23 @@ class MetricsLogger:
     """Appends rows to metrics.csv and scalars to TensorBoard; a no-op when `enabled` is False (ranks > 0)."""
 
     def __init__(self, run_dir: str, enabled: bool = True, resume_step: int | None = None) -> None:
-        self.run_dir, self.enabled = run_dir, enabled
+        self.enabled = enabled
         self.csv_path = os.path.join(run_dir, "metrics.csv")
         self.writer = None
+        self._file = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
         rows = read_metrics(self.csv_path) if resume_step is not None else []
         # A resumed run replays the steps after its checkpoint: drop the rows the killed run logged past it.
         rows = [r for r in rows if r["step"] <= (resume_step or 0)]
-        with open(self.csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: ("" if r[k] is None else (int(r[k]) if k == "step" else r[k])) for k in FIELDS})
+        # Kept open: one write per step, no reopen. flush() (at each evaluation, before the checkpoint is saved)
+        # puts the rows on disk, so a checkpoint never gets ahead of metrics.csv.
+        self._file = open(self.csv_path, "w", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
+        self._csv.writeheader()
+        for r in rows:
+            self._csv.writerow({k: ("" if r[k] is None else (int(r[k]) if k == "step" else r[k])) for k in FIELDS})
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events at steps >= it; the checkpoint's own step (its test accuracy) stays.
@@ -59,17 +62,21 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, "split": split, **{k: values.get(k) for k in FIELDS[2:]}}
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writerow({k: "" if v is None else v for k, v in row.items()})
+        self._csv.writerow({k: "" if v is None else v for k, v in row.items()})
         for k, v in values.items():
             if v is not None and self.writer is not None:
                 self.writer.add_scalar(f"{split}/{k}", v, step)
 
     def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
         if self.writer is not None:
             self.writer.flush()
 
     def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
