@@ -59,7 +59,13 @@ def random_params(
     ps = cfg.patch_size
     p["embedding/kernel"] = kernel((ps, ps, in_ch, D), ps * ps * in_ch)
     p["embedding/bias"] = normal((D,), 0.1)
-    grid = img_size // cfg.input_stride
+    # The token grid, counted from the layers (not from cfg.input_stride, which is under test):
+    # SAME stem conv /2, max-pool /2, a stride-2 unit opening each later stage, then the patch conv.
+    grid = img_size
+    if cfg.resnet_layers is not None:
+        for _ in range(1 + len(cfg.resnet_layers)):  # stem+pool is two halvings, stages 2.. one each
+            grid = -(-grid // 2)
+    grid //= ps
     n_tok = grid * grid
     if cfg.classifier == "token":
         p["cls"] = normal((1, 1, D), 1.0)

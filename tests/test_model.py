@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import reference_vit as ref
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import vitcore
@@ -57,6 +57,20 @@ def model_cases(draw):
     )
 
 
+# The ci profile's few draws are all plain ViTs: pin a hybrid read from a pre-linen file with 4-D GroupNorms.
+@example(
+    case=dict(
+        cfg=ViTConfig(
+            patch_size=1, hidden_size=8, num_heads=2, mlp_dim=8, num_layers=2, resnet_layers=(1, 1), resnet_width=0.5
+        ),
+        img_size=16,
+        num_classes=3,
+        pre_linen=True,
+        compressed=True,
+        gn_4d=True,
+        seed=0,
+    )
+)
 @given(case=model_cases())
 def test_matches_float64_reference_after_loading_official_npz(case):
     cfg, img = case["cfg"], case["img_size"]
@@ -263,7 +277,9 @@ def test_matches_real_flax_modules(case):
     with torch.no_grad():
         got = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
     # Both sides compute in float32 (flax's norms with the fast E[x^2] - E[x]^2 variance); through the
-    # 16 GroupNorm'd units of the R50 root each is ~1e-5 off the float64 value (measured on an H100 box).
+    # 16 GroupNorm'd units of the R50 root each is ~1e-5 off the float64 value (vitcore alone: 6-8e-6 vs
+    # the numpy reference; 1e-5 failed once against flax on an H100 box). The float64 check of this root,
+    # test_full_depth_r50_root_matches_reference_in_float64, holds it to 1e-10.
     tol = 5e-5 if cfg.resnet_layers == (3, 4, 9) else 1e-5
     assert rel_err(got, want) < tol
     numpy_logits, _, _ = ref.forward(official, cfg, x.transpose(0, 3, 1, 2))

@@ -217,8 +217,13 @@ def _fmt(shape: tuple[int, ...]) -> str:
     return str(tuple(shape))
 
 
-def _plan(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[_Entry], LoadReport]:
-    """Check every array against the table; return the rows to copy and the report, or raise listing all problems."""
+def _plan(
+    model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[list[_Entry], list[_Entry], LoadReport]:
+    """Check every array against the table; return the rows to copy, the rows to zero and the report.
+
+    Raises CheckpointError listing every problem.
+    """
     rows = _table(model, _style(list(shapes)))
     report = LoadReport()
     problems: list[str] = []
@@ -248,7 +253,9 @@ def _plan(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> tupl
         else:
             problems.append(f"shape mismatch for {row.key}: checkpoint {_fmt(got)} vs model {_fmt(row.shape)}")
     head_rows = [row for row in rows if row.key in _HEAD_KEYS]
+    to_zero: list[_Entry] = []
     if all(row.key in shapes for row in head_rows) and any(shapes[row.key] != row.shape for row in head_rows):
+        to_zero = head_rows
         for row in head_rows:  # a new task: the official fine-tuning code starts from a zero head
             report.reinitialized.append(row.key)
             report.notes[row.key] = f"checkpoint {_fmt(shapes[row.key])}, model {_fmt(row.shape)}: zero-initialised"
@@ -269,7 +276,7 @@ def _plan(model: torch.nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> tupl
             "pre_logits and the position-embedding grid adapt to the model."
         )
     report.loaded = [row.key for row in to_load]
-    return to_load, report
+    return to_load, to_zero, report
 
 
 def _describe(model: torch.nn.Module) -> str:
@@ -315,15 +322,16 @@ def load_pretrained(
     file_key = {k[len(prefix) :]: k for k in shapes}
     shapes = {k[len(prefix) :]: s for k, s in shapes.items()}
 
-    rows, report = _plan(model, shapes)
+    rows, to_zero, report = _plan(model, shapes)
     if any(p.is_meta for p in model.parameters()):
         model.to_empty(device="cpu")  # every parameter is written below (loaded, or a zeroed head)
     params = dict(model.named_parameters())
-    param_of = {row.key: row.param for row in _table(model)}
-    for key in report.reinitialized:
-        params[param_of[key]].zero_()
-    # From a path, read one array at a time and drop it after the copy: only one array of the file
-    # is ever resident next to the model (load_npz's tensors keep their mapping alive otherwise).
+    for row in to_zero:
+        params[row.param].zero_()
+    # From a path, one load_npz call per array, each dropped after its copy: a call maps the whole
+    # file once and keeps that mapping (with every page read through it) alive while any of its
+    # tensors is, so one call for all arrays would peak at ~2x the file in RSS, this at ~1.05x
+    # (test_loading_does_not_double_memory). Re-reading the zip directory per call costs far less.
     for done, row in enumerate(rows):
         try:
             if path is None:

@@ -34,7 +34,7 @@ class ViTConfig:
             problems.append(
                 f"hidden_size={self.hidden_size} must be a positive multiple of num_heads={self.num_heads}"
             )
-        if self.mlp_dim < 1 or self.num_layers < 0:
+        if self.mlp_dim < 1 or self.num_layers < 1:
             problems.append(f"mlp_dim={self.mlp_dim} and num_layers={self.num_layers} must be positive")
         if self.classifier not in ("token", "gap"):
             problems.append(f"classifier={self.classifier!r} must be 'token' or 'gap'")
@@ -83,10 +83,7 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        d = dict(d)
-        if d.get("resnet_layers") is not None:
-            d["resnet_layers"] = tuple(d["resnet_layers"])
-        return cls(**d)
+        return cls(**d)  # a JSON list for resnet_layers becomes a tuple in __post_init__
 
 
 _B16 = ViTConfig(patch_size=16, hidden_size=768, mlp_dim=3072, num_heads=12, num_layers=12)
