@@ -82,14 +82,12 @@ def _numpy_load(path: str) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(f[k]) for k in f.files}
 
 
-def _time(fn, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = fn()
-        out.append(time.perf_counter() - t0)
-        del result
-    return out
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - t0
+    del result  # freed outside the timing
+    return elapsed
 
 
 _FRESH_CODE = """
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         # Interleaved, so that load from other processes hits all alike, and rotated, so that
         # none always runs right after the one whose freed memory the allocator hands back.
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name] += _time(loaders[name], 1)
+            times[name].append(_time(loaders[name]))
     modes = [("warm", times)]
     if args.fresh:
         modes.append(("fresh", {name: _time_fresh(path, name, args.fresh) for name in loaders}))

@@ -21,12 +21,12 @@ struct FdGuard {
 };
 }  // namespace
 
-MappedFile::MappedFile(const std::string& path) : path_(path) {
+MappedFile::MappedFile(const std::string& path) {
   FdGuard fd{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
   if (fd.fd < 0) throw OsFailure(errno, path);
   struct stat st {};
   if (::fstat(fd.fd, &st) != 0) throw OsFailure(errno, path);
-  const Where where{path_};
+  const Where where{path};
   NPZ_CHECK(where, S_ISREG(st.st_mode), "not a regular file");
   NPZ_CHECK(where, st.st_size > 0, "not a zip file: the file is empty");
   size_ = static_cast<uint64_t>(st.st_size);

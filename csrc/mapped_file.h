@@ -22,10 +22,8 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   uint8_t* writable_data() const { return data_; }  // copy-on-write, see above
   uint64_t size() const { return size_; }
-  const std::string& path() const { return path_; }
 
  private:
-  std::string path_;
   uint8_t* data_ = nullptr;
   uint64_t size_ = 0;
 };

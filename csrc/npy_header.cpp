@@ -168,23 +168,28 @@ class DictParser {
 
 }  // namespace
 
-uint64_t npy_header_size(const uint8_t* p, uint64_t avail, const Where& where) {
+uint64_t npy_header_size(const uint8_t* p, uint64_t avail, uint64_t member_size, const Where& where) {
   NPZ_CHECK(where, avail >= 10, "npy data is " + std::to_string(avail) + " bytes, too short for an npy header");
   NPZ_CHECK(where, std::memcmp(p, kMagic, sizeof kMagic) == 0, "not an npy array: bad magic (corrupt?)");
   const int major = p[6], minor = p[7];
   NPZ_CHECK(where, (major >= 1 && major <= 3) && minor == 0,
             "unsupported npy format version " + std::to_string(major) + "." + std::to_string(minor) +
                 " (supported: 1.0, 2.0, 3.0)");
-  if (major == 1) return 10 + static_cast<uint64_t>(read_le16(p + 8));
-  NPZ_CHECK(where, avail >= 12, "npy data is too short for a version 2/3 header");
-  return 12 + static_cast<uint64_t>(read_le32(p + 8));
+  uint64_t size;
+  if (major == 1) {
+    size = 10 + static_cast<uint64_t>(read_le16(p + 8));
+  } else {
+    NPZ_CHECK(where, avail >= 12, "npy data is too short for a version 2/3 header");
+    size = 12 + static_cast<uint64_t>(read_le32(p + 8));
+  }
+  NPZ_CHECK(where, size <= member_size,
+            "npy header claims " + std::to_string(size) + " bytes but the member holds " + std::to_string(member_size));
+  NPZ_CHECK(where, size <= kMaxNpyHeader, "npy header of " + std::to_string(size) + " bytes is implausibly large");
+  return size;
 }
 
 NpyHeader parse_npy_header(const uint8_t* p, uint64_t avail, const Where& where) {
-  const uint64_t size = npy_header_size(p, avail, where);
-  NPZ_CHECK(where, size <= avail,
-            "npy header claims " + std::to_string(size) + " bytes but the member holds " + std::to_string(avail));
-  NPZ_CHECK(where, size <= kMaxNpyHeader, "npy header of " + std::to_string(size) + " bytes is implausibly large");
+  const uint64_t size = npy_header_size(p, avail, avail, where);
   const uint64_t dict_start = p[6] == 1 ? 10 : 12;
   const char* begin = reinterpret_cast<const char*>(p + dict_start);
   NpyHeader h = DictParser(begin, begin + (size - dict_start), where).parse();

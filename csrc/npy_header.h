@@ -26,10 +26,11 @@ constexpr uint64_t kNpyPreamble = 12;
 // tens of bytes; its own reader refuses more than 10000 unless told otherwise).
 constexpr uint64_t kMaxNpyHeader = 1 << 20;
 
-// Total header size (preamble + dict + padding) from the first `avail` bytes (at least 10).
-uint64_t npy_header_size(const uint8_t* p, uint64_t avail, const Where& where);
+// Total header size (preamble + dict + padding) from the first `avail` bytes (at least 10),
+// checked against the `member_size` bytes the member holds and against kMaxNpyHeader.
+uint64_t npy_header_size(const uint8_t* p, uint64_t avail, uint64_t member_size, const Where& where);
 
-// Parses the whole header in [p, p + avail), avail >= npy_header_size(). Never evaluates code:
+// Parses the header at the start of [p, p + avail) (sized as by npy_header_size). Never evaluates code:
 // the dict is read by a small parser that accepts only strings, booleans, integers and tuples.
 NpyHeader parse_npy_header(const uint8_t* p, uint64_t avail, const Where& where);
 
