@@ -20,7 +20,6 @@ __all__ = [
     "make_npy",
     "npy_bytes",
     "npz_bytes",
-    "official_vit_arrays",
     "to_zip64",
 ]
 
@@ -131,43 +130,3 @@ def to_zip64(data: bytes, comment: bytes = b"") -> bytes:
     body += struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1)
     body += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, len(comment))
     return bytes(body + comment)
-
-
-def official_vit_arrays(
-    hidden: int = 32, mlp: int = 64, heads: int = 2, layers: int = 2, patch: int = 4, grid: int = 4, classes: int = 7
-) -> dict[str, np.ndarray]:
-    """A small ViT in the official (pre-linen, i21k) layout: names and shapes as the real files."""
-    rng = np.random.default_rng(0)
-    hd = hidden // heads
-
-    def w(*shape: int) -> np.ndarray:
-        return rng.standard_normal(shape).astype(np.float32)
-
-    out = {
-        "cls": w(1, 1, hidden),
-        "embedding/kernel": w(patch, patch, 3, hidden),  # HWIO
-        "embedding/bias": w(hidden),
-        "Transformer/posembed_input/pos_embedding": w(1, grid * grid + 1, hidden),
-        "Transformer/encoder_norm/scale": w(hidden),
-        "Transformer/encoder_norm/bias": w(hidden),
-        "pre_logits/kernel": w(hidden, hidden),
-        "pre_logits/bias": w(hidden),
-        "head/kernel": w(hidden, classes),
-        "head/bias": w(classes),
-    }
-    for i in range(layers):
-        b = f"Transformer/encoderblock_{i}"
-        for ln in ("LayerNorm_0", "LayerNorm_2"):
-            out[f"{b}/{ln}/scale"] = w(hidden)
-            out[f"{b}/{ln}/bias"] = w(hidden)
-        att = f"{b}/MultiHeadDotProductAttention_1"
-        for proj in ("query", "key", "value"):
-            out[f"{att}/{proj}/kernel"] = w(hidden, heads, hd)
-            out[f"{att}/{proj}/bias"] = w(heads, hd)
-        out[f"{att}/out/kernel"] = w(heads, hd, hidden)
-        out[f"{att}/out/bias"] = w(hidden)
-        out[f"{b}/MlpBlock_3/Dense_0/kernel"] = w(hidden, mlp)
-        out[f"{b}/MlpBlock_3/Dense_0/bias"] = w(mlp)
-        out[f"{b}/MlpBlock_3/Dense_1/kernel"] = w(mlp, hidden)
-        out[f"{b}/MlpBlock_3/Dense_1/bias"] = w(hidden)
-    return out

@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 import pytest
+import reference_vit as ref
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,7 +24,6 @@ from npz_util import (
     make_npy,
     npy_bytes,
     npz_bytes,
-    official_vit_arrays,
     to_zip64,
 )
 from npz_util import array_dicts as array_dicts_strategy
@@ -115,7 +115,9 @@ def test_large_members_cross_chunk_boundaries(tmp_path):
 
 
 def test_official_vit_layout_loads_every_key(tmp_path):
-    arrays = official_vit_arrays()
+    # A small ViT in the original imagenet21k layout: pre-linen names, pre_logits, HWIO and (D, heads, head_dim).
+    cfg = vitcore.ViTConfig(patch_size=4, hidden_size=32, mlp_dim=64, num_heads=2, num_layers=2, representation_size=32)
+    arrays = ref.to_pre_linen(ref.random_params(cfg, 16, 7, np.random.default_rng(0)))
     path = write(tmp_path, npz_bytes(arrays, compressed=False))
     got = load_npz(path)
     assert set(got) == set(arrays)
