@@ -21,7 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import gbps, measure, print_table, require_cuda, results_dir, write_csv
+from benchmarks.common import gbps, measure_all, print_table, require_cuda, results_dir, write_csv
 
 # (model, image size, width, tokens per image incl. the class token)
 MODELS = [
@@ -89,11 +89,7 @@ def main() -> None:
             b = (0.1 * torch.randn(n, device=DEVICE, dtype=dtype)).requires_grad_()
             dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
             tag = f"{name} B={batch} ({m}, {n}) {str(dtype).removeprefix('torch.')}"
-            times = {}
-            for label, fn in impls.items():
-                t = measure(label, fn, (x, w, b), dy, tag)
-                if t is not None:
-                    times[label] = t
+            times = measure_all(impls, (x, w, b), dy, tag)
             for mode in MODES:
                 for label, t in times.items():
                     rate = gbps(bytes_moved(mode, m, n, x.element_size(), w.element_size()), t[mode])

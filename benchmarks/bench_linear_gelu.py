@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import measure, print_table, require_cuda, results_dir, tflops, write_csv
+from benchmarks.common import measure_all, print_table, require_cuda, results_dir, tflops, write_csv
 
 # (model, image size, batch, tokens per image, in features K, out features N)
 SHAPES = [
@@ -72,11 +72,7 @@ def main() -> None:
             b = (0.1 * torch.randn(n, device=DEVICE, dtype=dtype)).requires_grad_()
             dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
             tag = f"{name} ({m}, {k} -> {n}) {str(dtype).removeprefix('torch.')}"
-            times = {}
-            for label, fn in impls.items():
-                t = measure(label, fn, (x, w, b), dy, tag)
-                if t is not None:
-                    times[label] = t
+            times = measure_all(impls, (x, w, b), dy, tag)
             for role, tuner in _TUNED.items():
                 print(f"  autotune {role}: {getattr(tuner, 'best_config', None)}")
             for mode in MODES:

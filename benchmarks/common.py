@@ -14,7 +14,7 @@ import torch
 
 __all__ = [
     "device_name", "require_cuda", "write_csv", "print_table", "results_dir", "tflops", "gbps", "time_fwd_bwd",
-    "measure",
+    "measure", "measure_all",
 ]
 
 
@@ -92,6 +92,18 @@ def measure(
         return None
     pretty = ", ".join(f"{mode} {ms:.3f} ms" for mode, ms in times.items())
     print(f"  {tag} {label}: {pretty} ({time.time() - t0:.1f}s incl. compile/autotune)", flush=True)
+    return times
+
+
+def measure_all(
+    impls: dict[str, Callable[..., torch.Tensor]], inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, tag: str,
+) -> dict[str, dict[str, float]]:
+    """`measure` for every implementation: label -> times, leaving out the ones that could not run."""
+    times = {}
+    for label, fn in impls.items():
+        t = measure(label, fn, inputs, grad_out, tag)
+        if t is not None:
+            times[label] = t
     return times
 
 

@@ -1,4 +1,4 @@
-"""Shared by the LayerNorm and Linear+GELU ops: input checks, allocation, launch sizing, and the small kernel
+"""Shared by the attention, LayerNorm and Linear+GELU ops: input checks, allocation, launch sizing, and the small kernel
 that finishes a two-stage reduction (column sums of fp32 partials).
 
 Importing this module only defines functions; nothing is compiled or launched.
@@ -19,6 +19,7 @@ __all__ = [
     "check_launchable",
     "check_float",
     "new_output",
+    "cdiv",
     "next_pow2",
     "sm_count",
     "column_sums",
@@ -36,8 +37,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_launchable(op: str, *tensors: torch.Tensor) -> None:
-    """All tensors on one device, and that device can run a Triton kernel (CUDA, or CPU under the interpreter)."""
+def check_launchable(op: str, *tensors: torch.Tensor, dots: bool = False) -> None:
+    """All tensors on one device, and that device can run a Triton kernel (CUDA, or CPU under the interpreter).
+    `dots`: the kernels use tl.dot, which the interpreter computes wrongly, and silently, on bfloat16."""
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         names = ", ".join(str(d) for d in sorted(devices, key=str))
@@ -46,6 +48,9 @@ def check_launchable(op: str, *tensors: torch.Tensor) -> None:
     if device.type == "cuda":
         return
     if device.type == "cpu" and interpreting():
+        if dots and any(t.dtype == torch.bfloat16 for t in tensors):
+            raise TypeError(f"{op}: bfloat16 is not supported by the Triton interpreter on CPU (its tl.dot returns "
+                            "garbage); use float32 or float16 there (bfloat16 runs on CUDA)")
         return
     raise ValueError(
         f"{op}: Triton kernels need CUDA tensors, got device {device} "
@@ -64,6 +69,12 @@ def new_output(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: 
     if os.environ.get(POISON_ENV) == "1":
         out.fill_(float("nan"))
     return out
+
+
+# Plain integer helpers for the host side: triton.cdiv / next_power_of_2 go through Triton's constexpr-function
+# wrapper, which costs ~2 us per call on paths that run every step.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
@@ -118,7 +129,7 @@ def column_sums(partial: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]
     outs = [new_output((n,), dtype, partial.device) for _ in range(num_out)]
     block_n = 128 if n <= 2**16 else 1024  # split-K dW partials have N*K columns: wider blocks, fewer programs
     block_g = max(1, min(next_pow2(g), 4096 // block_n))
-    grid = (triton.cdiv(n, block_n), num_out)
+    grid = (cdiv(n, block_n), num_out)
     _column_sum_kernel[grid](partial, outs[0], outs[-1], g, n, NUM_OUT=num_out, BLOCK_G=block_g, BLOCK_N=block_n,
                              num_warps=4)
     return outs

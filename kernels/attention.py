@@ -14,9 +14,9 @@ load and store. head_dim <= 128 is padded to a power of two (>= 16, the smallest
 with masks, e.g. 80 -> 128.
 
 Layout of the file: kernels, block-size choice, host functions that launch, the torch.library
-custom ops `vitcore::attention_fwd` / `vitcore::attention_bwd` with fake impls and autograd
-registration (what torch.compile traces), a thin autograd.Function over the same host functions
-(the cheaper eager path), and the public `attention`, which validates and picks between the two.
+custom ops `vitcore::attention_fwd` / `vitcore::attention_bwd` with fake impls (what torch.compile
+sees), an autograd.Function that calls the ops under torch.compile and the host functions directly
+in eager mode, and the public `attention`, which validates.
 """
 
 from __future__ import annotations
@@ -28,20 +28,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv, check_float, check_launchable, interpreting, new_output, next_pow2
+
 __all__ = ["attention"]
 
 _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the cheap hardware instruction
-_LN2 = 0.6931471805599453
 _MAX_HEAD_DIM = 128
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# Tests set this to True so that every output starts as NaN: an element a kernel forgets to write fails.
-_POISON_OUTPUTS = False
 
 
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_head_block(N, BLOCK: tl.constexpr, H):
+    """This program's (pid_bh, block index, b, h). One flat grid axis (no 65535 limit on B*H); the blocks of
+    a head are adjacent so they share that head's other operands in L2. b and h are int64: batch offsets
+    of large fused qkv tensors pass 2**31."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(N, BLOCK)
+    pid_bh = pid // num_blocks
+    return pid_bh, pid % num_blocks, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _tile_ptrs(BASE, b, h, rows, offs_d, stride_b, stride_h, stride_r, stride_d):
+    """(len(rows), BLOCK_D) pointers to rows `rows` of head (b, h) of a (B, H, N, HEAD_DIM) strided tensor."""
+    return BASE + b * stride_b + h * stride_h + rows[:, None] * stride_r + offs_d[None, :] * stride_d
 
 
 @triton.jit
@@ -103,14 +117,7 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM, >= 16
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact fp32 products), else "tf32" (unused)
 ):
-    # One flat grid axis (no 65535 limit on B*H); the query blocks of a head are adjacent so
-    # they share that head's keys and values in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_bh = pid // num_m
-    pid_m = pid % num_m
-    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of large fused qkv tensors pass 2**31
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, pid_m, b, h = _program_head_block(N_Q, BLOCK_M, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -118,10 +125,10 @@ def _attn_fwd_kernel(
     m_mask = offs_m < N_Q
     d_mask = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # padded rows score 0, finite
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -134,7 +141,7 @@ def _attn_fwd_kernel(
                                offs_n, d_mask, qk_scale, BLOCK_N, True, DOT_PRECISION)
 
     o = acc / l_i[:, None]
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    o_ptrs = _tile_ptrs(OUT, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, stride_od)
     tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log for the saved tensor
     tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_mask)
@@ -151,19 +158,14 @@ def _attn_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_bh = pid // num_m
-    pid_m = pid % num_m
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, pid_m, b, h = _program_head_block(N_Q, BLOCK_M, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < N_Q
     mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    o = tl.load(_tile_ptrs(OUT, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, stride_od),
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod),
                  mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=m_mask)
 
@@ -235,12 +237,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N_KV, BLOCK_N)
-    pid_bh = pid // num_n
-    pid_n = pid % num_n
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, pid_n, b, h = _program_head_block(N_KV, BLOCK_N, H)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -251,12 +248,12 @@ def _attn_bwd_dkdv_kernel(
 
     # Padded key rows load as 0 and score exp2(-lse), which may even overflow the 16-bit cast: each
     # only feeds its own dK/dV row, and those rows are never stored.
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(_tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd),
                 mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(_tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd),
                 mask=kv_mask, other=0.0)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
+    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod)
     lse_ptrs = LSE + pid_bh.to(tl.int64) * N_Q + offs_m
     delta_ptrs = DELTA + pid_bh.to(tl.int64) * N_Q + offs_m
 
@@ -269,9 +266,9 @@ def _attn_bwd_dkdv_kernel(
                              m_full, N_Q, N_Q, offs_m, d_mask, qk_scale, BLOCK_M, True, DOT_PRECISION)
     dk = dk * scale  # dS = P * (dP - delta) is w.r.t. the scaled scores; the chain rule adds `scale`
 
-    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(_tile_ptrs(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd),
              dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(_tile_ptrs(DV, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd),
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -335,12 +332,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid_bh = pid // num_m
-    pid_m = pid % num_m
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_bh, pid_m, b, h = _program_head_block(N_Q, BLOCK_M, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -349,14 +341,14 @@ def _attn_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     qm_mask = m_mask[:, None] & d_mask[None, :]
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd),
                 mask=qm_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod),
                  mask=qm_mask, other=0.0)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_mask, other=0.0)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
@@ -365,7 +357,7 @@ def _attn_bwd_dq_kernel(
     dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, n_full, N_KV, N_KV,
                        offs_n, d_mask, qk_scale, BLOCK_N, True, DOT_PRECISION)
     dq = dq * scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqm, stride_dqd),
              dq.to(DQ.dtype.element_ty), mask=qm_mask)
 
 
@@ -406,17 +398,13 @@ _KERNELS = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_
 _AUTOTUNED: dict[str, object] = {}  # wrapped on first use, not at import
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _use_autotune() -> bool:
-    return os.environ.get("VITCORE_ATTN_AUTOTUNE", "0") == "1" and not _interpreting()
+    return os.environ.get("VITCORE_ATTN_AUTOTUNE", "0") == "1" and not interpreting()
 
 
 def _config(kind: str, dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one of the three main kernels."""
-    if _interpreting():
+    if interpreting():
         return _INTERPRETER_CONFIG[kind]
     return _GPU_HEURISTIC[(kind, dtype == torch.float32, block_d <= 64)]
 
@@ -443,7 +431,7 @@ def _launch(kind: str, rows: int, bh: int, dtype: torch.dtype, block_d: int, len
     tile = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"  # the block each program owns
 
     def grid(meta):
-        return (_cdiv(rows, meta[tile]) * bh,)
+        return (cdiv(rows, meta[tile]) * bh,)
 
     if config is None and _use_autotune():
         _autotuned(kind)[grid](*args, len_bucket, BLOCK_D=block_d, DOT_PRECISION=precision)
@@ -453,28 +441,9 @@ def _launch(kind: str, rows: int, bh: int, dtype: torch.dtype, block_d: int, len
                          num_warps=warps, num_stages=stages)
 
 
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-# Plain integer helpers: triton.cdiv / next_power_of_2 go through Triton's constexpr-function wrapper,
-# which costs microseconds per call on a path that runs every step.
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pow2_at_least_16(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def _block_d(head_dim: int) -> int:
-    return _pow2_at_least_16(head_dim)
-
-
-def _len_bucket(n: int) -> int:
-    return _pow2_at_least_16(n)
+    """BLOCK_D for a head_dim (16 is the smallest tl.dot operand), and the autotuner's length bucket."""
+    return max(16, next_pow2(n))
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
@@ -489,14 +458,14 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     B, H, n_q, d = q.shape
     n_kv = k.shape[2]
-    o = _alloc((B, H, n_q, d), q.dtype, q.device)
-    lse = _alloc((B, H, n_q), torch.float32, q.device)
+    o = new_output((B, H, n_q, d), q.dtype, q.device)
+    lse = new_output((B, H, n_q), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
-    block_d = _block_d(d)
+    block_d = _pow2_at_least_16(d)
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, n_q, n_kv, d, scale * _LOG2E)
-    _launch("fwd", n_q, B * H, q.dtype, block_d, _len_bucket(max(n_q, n_kv)), args, config)
+    _launch("fwd", n_q, B * H, q.dtype, block_d, _pow2_at_least_16(max(n_q, n_kv)), args, config)
     return o, lse
 
 
@@ -510,18 +479,18 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     B, H, n_q, d = q.shape
     n_kv = k.shape[2]
-    dq = _alloc(q.shape, q.dtype, q.device)
-    dk = _alloc(k.shape, k.dtype, k.device)
-    dv = _alloc(v.shape, v.dtype, v.device)
+    dq = new_output(q.shape, q.dtype, q.device)
+    dk = new_output(k.shape, k.dtype, k.device)
+    dv = new_output(v.shape, v.dtype, v.device)
     if B * H == 0 or d == 0:
         return dq, dk, dv
     if n_q == 0:  # no query reads any key: the key/value gradients are exactly zero
         return dq, dk.zero_(), dv.zero_()
-    block_d = _block_d(d)
-    bucket = _len_bucket(max(n_q, n_kv))
-    delta = _alloc((B, H, n_q), torch.float32, q.device)
-    delta_block = 64 if not _interpreting() else 32
-    _attn_bwd_delta_kernel[(_cdiv(n_q, delta_block) * B * H,)](
+    block_d = _pow2_at_least_16(d)
+    bucket = _pow2_at_least_16(max(n_q, n_kv))
+    delta = new_output((B, H, n_q), torch.float32, q.device)
+    delta_block = 32 if interpreting() else 64
+    _attn_bwd_delta_kernel[(cdiv(n_q, delta_block) * B * H,)](
         o, do, delta, *o.stride(), *do.stride(), H, n_q, d, BLOCK_M=delta_block, BLOCK_D=block_d,
     )
     common = (H, n_q, n_kv, d, scale, scale * _LOG2E)
@@ -562,30 +531,14 @@ def _(do, q, k, v, o, lse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, ctx.scale)
-    return dq, dk, dv, None
-
-
-_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
 class _Attention(torch.autograd.Function):
-    """Eager fast path: the same kernels as the custom ops, minus the dispatcher round trips, which
-    cost tens of microseconds per call: at ViT sizes a whole attention takes only ~0.2 ms (forward)."""
-
+    # Eager calls go straight to the launchers: the custom-op wrapper costs tens of microseconds per call,
+    # and at ViT sizes a whole attention forward takes only ~0.2 ms. Under torch.compile the ops are used
+    # so the graph stays whole (the same scheme as layer_norm and linear_gelu).
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        o, lse = _attention_forward(q, k, v, scale)
+        fwd = _attention_fwd_op if torch.compiler.is_compiling() else _attention_forward
+        o, lse = fwd(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         return o
@@ -593,7 +546,8 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_backward(do, q, k, v, o, lse, ctx.scale)
+        bwd = _attention_bwd_op if torch.compiler.is_compiling() else _attention_backward
+        dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.scale)
         return dq, dk, dv, None
 
 
@@ -608,12 +562,9 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"attention: {name} must have shape (..., N, head_dim), got {tuple(t.shape)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise TypeError(f"attention: {name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        check_float("attention", name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not (q.dim() == k.dim() == v.dim()) or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         raise ValueError("attention: q, k, v must have the same leading (batch, heads) shape, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -626,16 +577,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"attention: head_dim must be in 1..{_MAX_HEAD_DIM}, got {d}")
     if k.shape[-2] == 0 and q.shape[-2] > 0:
         raise ValueError("attention: no keys (k has N = 0): the softmax over an empty row is undefined")
-    if q.device.type == "cpu":
-        if not _interpreting():
-            raise RuntimeError("attention: on CPU the Triton kernels need the interpreter (TRITON_INTERPRET=1 "
-                               "set before triton is imported); use the model's backend='torch' on CPU")
-        if q.dtype == torch.bfloat16:
-            # The interpreter stores bfloat16 as raw uint16 and computes garbage with it, silently.
-            raise TypeError("attention: bfloat16 is not supported by the Triton interpreter on CPU; "
-                            "use float32 or float16 there (bfloat16 runs on CUDA)")
-    elif q.device.type != "cuda":
-        raise ValueError(f"attention: unsupported device {q.device}; use CUDA (or CPU with TRITON_INTERPRET=1)")
+    check_launchable("attention", q, k, v, dots=True)
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -660,9 +602,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"attention: scale must be finite, got {scale}")
-    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
-    if torch.compiler.is_compiling():
-        o, _ = _attention_fwd_op(q4, k4, v4, scale)  # opaque to the tracer; fake impls give the shapes
-    else:
-        o = _Attention.apply(q4, k4, v4, scale)
+    o = _Attention.apply(_as_4d(q), _as_4d(k), _as_4d(v), scale)
     return o.reshape(*lead, n_q, d)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_launchable, column_sums, new_output, next_pow2, sm_count
+from ._common import cdiv, check_float, check_launchable, column_sums, new_output, next_pow2, sm_count
 
 __all__ = ["layer_norm", "LayerNormFunction", "MAX_WIDTH"]
 
@@ -155,7 +155,7 @@ def _layer_norm_fwd(
     if m == 0:
         return y.view(x.shape), mean, rstd
     block_n, rows, num_warps = _block_shape(n, 4096)
-    grid = (triton.cdiv(m, rows),)
+    grid = (cdiv(m, rows),)
     _layer_norm_fwd_kernel[grid](
         x2, y, weight, bias, mean, rstd, x2.stride(0), m, n, eps,
         BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
@@ -178,9 +178,9 @@ def _layer_norm_bwd(
     block_n, rows, num_warps = _block_shape(n, 2048)
     # A few programs per SM, each looping over a contiguous run of rows: enough parallelism to saturate memory
     # while keeping the (G, N) partial buffers (and the second reduction) small next to x itself.
-    programs = min(triton.cdiv(m, rows), 4 * sm_count(x.device))
-    rows_per_prog = triton.cdiv(triton.cdiv(m, programs), rows) * rows
-    programs = triton.cdiv(m, rows_per_prog)
+    programs = min(cdiv(m, rows), 4 * sm_count(x.device))
+    rows_per_prog = cdiv(cdiv(m, programs), rows) * rows
+    programs = cdiv(m, rows_per_prog)
     partial = new_output((2, programs, n), torch.float32, x.device)  # [0]: dweight, [1]: dbias
     _layer_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, mean, rstd, dx, partial[0], partial[1],

@@ -30,7 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_launchable, column_sums, interpreting, new_output, next_pow2, sm_count
+from ._common import (
+    cdiv,
+    check_float,
+    check_launchable,
+    column_sums,
+    interpreting,
+    new_output,
+    next_pow2,
+    sm_count,
+)
 
 __all__ = ["linear_gelu", "LinearGeluFunction", "BACKWARD_ENV", "BACKWARD_VARIANTS", "DEFAULT_BACKWARD"]
 
@@ -243,13 +252,13 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
         return 2 if k >= 32 and m * n <= 4096 else 1  # exercise the split path in the (small) CPU tests
     if k < 4096:
         return 1
-    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    tiles = cdiv(m, 128) * cdiv(n, 128)
     return max(1, min(8, round(4 * sm_count(device) / tiles), k // 2048))
 
 
 def _launch_gemm(role: str, a, aux, b, bias, c, h, db, m, n, k, a_strides, aux_strides, b_strides, split_k=1,
                  **flags):  # fmt: skip
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split_k)
     flags["SPLIT_K"] = split_k
     flags.setdefault("STORE_H", False)
     args = (a, aux, b, bias, c, h, db, m, n, k, *a_strides, *aux_strides, *b_strides)
@@ -303,11 +312,9 @@ def _linear_gelu_bwd(
         return torch.zeros_like(x), torch.zeros_like(weight), torch.zeros(n, dtype=weight.dtype, device=x.device)
     if backward == "cublas":
         dh = new_output((m, n), x.dtype, x.device)
-        bm = bn = 64 if interpreting() else None
-        if bm is None:
-            bm, bn = 64, 128
-        db_partial = new_output((triton.cdiv(m, bm), n), torch.float32, x.device)
-        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        bm, bn = (64, 64) if interpreting() else (64, 128)
+        db_partial = new_output((cdiv(m, bm), n), torch.float32, x.device)
+        grid = (cdiv(m, bm), cdiv(n, bn))
         _dgelu_kernel[grid](dy2, h, dh, db_partial, m, n, dy2.stride(0), dy2.stride(1), APPROX_TANH=tanh,
                             BLOCK_M=bm, BLOCK_N=bn, num_warps=8)
         dx = torch.mm(dh, weight)  # (M, N) @ (N, K)
@@ -435,6 +442,6 @@ def linear_gelu(
     m = x.numel() // k
     if max(m * k, m * n, n * k) > _MAX_NUMEL:
         raise ValueError(f"{op}: tensors over 2**31 elements are not supported (32-bit offsets); split the batch")
-    check_launchable(op, x, weight, bias)
+    check_launchable(op, x, weight, bias, dots=True)
     save_h = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
     return LinearGeluFunction.apply(x, weight, bias, _APPROXIMATE[approximate], backward, save_h)

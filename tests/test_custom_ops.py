@@ -1,6 +1,7 @@
 """The LayerNorm and Linear+GELU kernels as torch.library custom ops: schemas and fake (meta) implementations
 checked by torch.library.opcheck, and torch.compile graphs around them (fullgraph: no graph breaks) computing
-the same values and gradients as eager mode. Also, without a GPU: every kernel compiles for an H100 (sm_90)
+the same values and gradients as eager mode. Also, without a GPU: every kernel (attention's in bf16) compiles for
+an H100 (sm_90)
 with the ptxas shipped in the triton wheel, catching what the interpreter forgives (run as
 `python tests/test_custom_ops.py` for the per-kernel registers and shared memory).
 """
@@ -122,16 +123,18 @@ def _compile_for_sm90(verbose: bool = False) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    attn = sys.modules["kernels.attention"]
     ln = sys.modules["kernels.layer_norm"]
     lg = sys.modules["kernels.linear_gelu"]
     common = sys.modules["kernels._common"]
     target = GPUTarget("cuda", 90, 32)
 
-    def compile_one(fn, sig, consts, warps, stages=3):
+    def compile_one(fn, sig, consts, warps, stages=3, unaligned=()):
         unit = {k: v for k, v in consts.items() if v == 1 and k.startswith("stride")}  # unit strides: constexpr 1
         sig = {k: v for k, v in sig.items() if k not in unit}
-        # Pointers and ints 16-divisible, as a launch with aligned tensors specializes them.
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v != "fp32"}
+        # Pointers and ints 16-divisible, as a launch with aligned tensors specializes them (except `unaligned`).
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+                 if v != "fp32" and k not in unaligned}
         src = ASTSource(fn, {**sig, **{k: "constexpr" for k in consts}},
                         constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()}, attrs=attrs)
         k = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
@@ -175,6 +178,30 @@ def _compile_for_sm90(verbose: bool = False) -> None:
             consts = {**flags, **{u: 1 for u in unit}, "APPROX_TANH": role != "dx",
                       "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", **cfg.kwargs, "SPLIT_K": split}
             compile_one(lg._gemm_kernel, sig, consts, cfg.num_warps, cfg.num_stages)
+
+    # Attention in bf16 at the GPU heuristic's configs, head_dim 64 and 80 (BLOCK_D 64, 128), unit head_dim
+    # strides; fp32 (unrolled FMA code, ~20 s more to compile) is left to the GPU runs.
+    lengths = ("N_Q", "N_KV", "LEN_BUCKET")  # do_not_specialize: any ViT length, no divisibility
+
+    def attn_arg_type(name):
+        if name in ("LSE", "DELTA"):
+            return "*fp32"
+        if name.isupper() and name not in ("H", "HEAD_DIM", *lengths):
+            return "*bf16"  # tensors: Q, K, V, OUT, DO, DK, DV, DQ
+        return "fp32" if name in ("scale", "qk_scale") else "i32"
+
+    for kind, fn in (("fwd", attn._attn_fwd_kernel), ("dkdv", attn._attn_bwd_dkdv_kernel),
+                     ("dq", attn._attn_bwd_dq_kernel), ("delta", attn._attn_bwd_delta_kernel)):
+        for block_d in (64, 128):
+            if kind == "delta":
+                consts = {"BLOCK_M": 64, "BLOCK_D": block_d}
+                warps, stages = 4, 3
+            else:
+                bm, bn, warps, stages = attn._GPU_HEURISTIC[(kind, False, block_d <= 64)]
+                consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "DOT_PRECISION": "tf32"}
+            consts.update({a: 1 for a in fn.arg_names if a.startswith("stride") and a.endswith("d")})
+            sig = {a: attn_arg_type(a) for a in fn.arg_names if a not in consts}
+            compile_one(fn, sig, consts, warps, stages, unaligned=lengths)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile everything for real")

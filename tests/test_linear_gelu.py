@@ -125,6 +125,8 @@ def test_linear_gelu_errors(monkeypatch):
     with pytest.raises(ValueError, match="same device"):
         kernels.linear_gelu(x, w.to("meta"), b)
     if DEVICE == "cpu":
+        with pytest.raises(TypeError, match="bfloat16 is not supported by the Triton interpreter"):
+            kernels.linear_gelu(x.bfloat16(), w.bfloat16(), b.bfloat16())  # its tl.dot is garbage in bf16
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="CUDA"):
             kernels.linear_gelu(x, w, b)
