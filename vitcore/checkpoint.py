@@ -19,10 +19,8 @@ array at a time), so it never holds a second copy of the model; a model built un
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError, NpzError
+from .fileio import atomic_write
 from .npz import load_npz, npz_index
 from .posembed import resize_pos_embedding
 
@@ -359,25 +358,14 @@ def save_npz(model: torch.nn.Module, path: str | os.PathLike, *, compressed: boo
     """
     path = os.fspath(path)
     params = dict(model.named_parameters())
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
-    try:
-        compression = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=compression, allowZip64=True) as zf:
-            for row in _table(model):
-                tensor = _to_official(_target(params[row.param].detach(), row), row)
-                if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
-                    tensor = tensor.float()
-                # One array at a time, C order like the official files.
-                array = np.ascontiguousarray(tensor.cpu().numpy())
-                with zf.open(row.key + ".npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    compression = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with atomic_write(path, "wb") as f, zipfile.ZipFile(f, "w", compression=compression, allowZip64=True) as zf:
+        for row in _table(model):
+            tensor = _to_official(_target(params[row.param].detach(), row), row)
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16
+                tensor = tensor.float()
+            # One array at a time, C order like the official files.
+            array = np.ascontiguousarray(tensor.cpu().numpy())
+            with zf.open(row.key + ".npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
     return path
