@@ -222,9 +222,17 @@ def test_return_attention_shapes_and_probabilities():
         assert torch.allclose(a.sum(-1), torch.ones(4, 2, 10), atol=1e-5)
 
 
-def test_auto_backend_is_torch_on_cpu():
+def test_auto_backend_is_torch_on_cpu(monkeypatch):
+    import kernels
+
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("auto on CPU must not call a Triton kernel")
+
+    for name in ("attention", "layer_norm", "linear_gelu"):
+        monkeypatch.setattr(kernels, name, no_kernels)
     model = VisionTransformer(vitcore.CONFIGS["testing"], img_size=32, num_classes=2)
-    assert model.backend == "auto" and model._backend() == "torch"
+    assert model.backend == "auto"
+    assert vitcore.ops.pick_backend("auto", "layer_norm", torch.zeros(1)) == "torch"
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
 

@@ -1,8 +1,8 @@
 """The Vision Transformer, module for module as the official `vit_jax/models_vit.py`.
 
 Pre-norm encoder blocks; the class token (or global average pooling); an optional `pre_logits`
-(Dense + tanh) layer; a zero-initialised head. The hot ops (LayerNorm, attention, Dense + GELU)
-go through `vitcore.ops`, which runs them in plain PyTorch or in the Triton kernels.
+(Dense + tanh) layer; a zero-initialised head. The hot layers (LayerNorm, attention, the MLP) are modules of
+`vitcore.layers` that each own a backend: plain PyTorch or the Triton kernels.
 Parameter names mirror the official ones so that `checkpoint.py`'s table reads naturally.
 """
 
@@ -15,92 +15,34 @@ from torch import nn
 
 from . import ops
 from .config import ViTConfig
+from .layers import BackendOwner, LayerNorm, MlpBlock, MultiHeadAttention, recording_attention
 from .resnet import ResNetRoot
 
-__all__ = ["VisionTransformer", "EncoderBlock", "MultiHeadAttention", "MlpBlock"]
-
-
-def _xavier_uniform_rows(weight: torch.Tensor, groups: int) -> None:
-    # flax initialises query, key and value as separate (D, D) kernels; keep that for the fused weight.
-    with torch.no_grad():
-        for part in weight.chunk(groups, dim=0):
-            nn.init.xavier_uniform_(part)
-
-
-class MultiHeadAttention(nn.Module):
-    """Self-attention with one fused q/k/v projection (one GEMM) and an output projection."""
-
-    def __init__(self, dim: int, num_heads: int, attention_dropout: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.attention_dropout = attention_dropout
-        self.qkv = nn.Linear(dim, 3 * dim)  # rows: query, key, value; each (heads * head_dim)
-        self.out = nn.Linear(dim, dim)
-        _xavier_uniform_rows(self.qkv.weight, 3)
-        nn.init.xavier_uniform_(self.out.weight)
-        nn.init.zeros_(self.qkv.bias)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(
-        self, x: torch.Tensor, backend: str, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh), views of one buffer
-        if need_weights:
-            y, probs = ops.attention_with_probs(q, k, v, self.attention_dropout, self.training)
-        else:
-            y, probs = ops.attention(q, k, v, self.attention_dropout, self.training, backend), None
-        y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
-        return self.out(y), probs
-
-
-class MlpBlock(nn.Module):
-    """Dense -> GELU -> dropout -> Dense -> dropout."""
-
-    def __init__(self, dim: int, mlp_dim: int, dropout: float, gelu: str) -> None:
-        super().__init__()
-        self.gelu = gelu
-        self.fc1 = nn.Linear(dim, mlp_dim)
-        self.fc2 = nn.Linear(mlp_dim, dim)
-        self.drop = nn.Dropout(dropout)
-        for fc in (self.fc1, self.fc2):  # official: xavier_uniform kernels, normal(1e-6) biases
-            nn.init.xavier_uniform_(fc.weight)
-            nn.init.normal_(fc.bias, std=1e-6)
-
-    def forward(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        h = ops.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.gelu, backend)  # (B, N, mlp_dim)
-        return self.drop(self.fc2(self.drop(h)))  # (B, N, C)
+__all__ = ["VisionTransformer", "EncoderBlock"]
 
 
 class EncoderBlock(nn.Module):
     """Pre-norm block: x + drop(MHA(LN(x))), then x + MLP(LN(x))."""
 
-    def __init__(self, config: ViTConfig) -> None:
+    def __init__(self, config: ViTConfig, backend: str = "auto") -> None:
         super().__init__()
         dim = config.hidden_size
-        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.attn = MultiHeadAttention(dim, config.num_heads, config.attention_dropout)
+        self.norm1 = LayerNorm(dim, config.layer_norm_eps, backend)
+        self.attn = MultiHeadAttention(dim, config.num_heads, config.attention_dropout, backend)
         self.drop = nn.Dropout(config.dropout)
-        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = MlpBlock(dim, config.mlp_dim, config.dropout, config.gelu)
+        self.norm2 = LayerNorm(dim, config.layer_norm_eps, backend)
+        self.mlp = MlpBlock(dim, config.mlp_dim, config.dropout, config.gelu, backend)
 
-    def forward(
-        self, x: torch.Tensor, backend: str, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, backend)
-        h, probs = self.attn(h, backend, need_weights)
-        x = x + self.drop(h)
-        h = ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, backend)
-        return x + self.mlp(h, backend), probs
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x)))  # (B, N, C)
+        return x + self.mlp(self.norm2(x))
 
 
 class VisionTransformer(nn.Module):
     """ViT (or R50+ViT hybrid) classifier for (B, 3, img_size, img_size) images.
 
-    backend: "torch" (plain PyTorch), "triton" (the fused kernels) or "auto" (triton when the
-    parameters are on CUDA at forward time, torch otherwise).
+    backend: "torch" (plain PyTorch), "triton" (the fused kernels) or "auto" (resolved by each layer at forward
+    time: triton on CUDA, torch otherwise). Every layer owns its backend; `set_backend` switches them all.
     """
 
     def __init__(self, config: ViTConfig, img_size: int = 224, num_classes: int = 1000, backend: str = "auto") -> None:
@@ -116,7 +58,7 @@ class VisionTransformer(nn.Module):
             )
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes={num_classes!r} must be an int >= 1")
-        ops.resolve_backend(backend, torch.device("cpu"))  # validates the name now, not at first forward
+        ops.check_backend(backend)  # the name is checked now, not at the first forward
         self.config = config
         self.img_size = img_size
         self.num_classes = num_classes
@@ -134,8 +76,8 @@ class VisionTransformer(nn.Module):
         self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, dim))
         nn.init.normal_(self.pos_embedding, std=0.02)  # as BERT / the official posemb_init
         self.pos_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
-        self.encoder_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList(EncoderBlock(config, backend) for _ in range(config.num_layers))
+        self.encoder_norm = LayerNorm(dim, config.layer_norm_eps, backend)
 
         rep = config.representation_size
         self.pre_logits = nn.Linear(dim, rep) if rep is not None else None
@@ -154,8 +96,14 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
         nn.init.zeros_(layer.bias)
 
-    def _backend(self) -> str:
-        return ops.resolve_backend(self.backend, self.pos_embedding.device)
+    def set_backend(self, backend: str) -> VisionTransformer:
+        """Switch every layer that owns a backend to `backend` ("auto", "torch" or "triton"); returns self."""
+        ops.check_backend(backend)
+        for module in self.modules():
+            if isinstance(module, BackendOwner):
+                module.set_backend(backend)
+        self.backend = backend
+        return self
 
     def _check_input(self, x: torch.Tensor) -> None:
         expected = (3, self.img_size, self.img_size)
@@ -165,9 +113,8 @@ class VisionTransformer(nn.Module):
                 f"resize the images or build the model with img_size={x.shape[-1] if x.dim() == 4 else '...'}"
             )
 
-    def _encode(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _encode(self, x: torch.Tensor, return_attention: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._check_input(x)
-        backend = self._backend()
         if self.resnet is not None:
             x = self.resnet(x)  # (B, C', H/s, W/s)
         x = self.embedding(x)  # (B, D, gh, gw)
@@ -175,17 +122,14 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, N, D)
         x = self.pos_drop(x + self.pos_embedding)
-        attentions = []
-        for block in self.blocks:
-            x, probs = block(x, backend, need_weights)
-            if need_weights:
-                attentions.append(probs)
-        w, b = self.encoder_norm.weight, self.encoder_norm.bias
-        return ops.layer_norm(x, w, b, self.encoder_norm.eps, backend), attentions
+        with recording_attention(self, return_attention) as attentions:  # per block (B, heads, N, N)
+            for block in self.blocks:
+                x = block(x)
+        return self.encoder_norm(x), attentions
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, N, D) encoded tokens after the final LayerNorm (`encoder_norm`)."""
-        return self._encode(x, need_weights=False)[0]
+        return self._encode(x, return_attention=False)[0]
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, N, D) tokens -> (B, num_classes) logits: pool (class token or mean), pre_logits, head."""
@@ -198,7 +142,7 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor, return_attention: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, num_classes); with return_attention also each layer's probabilities (B, heads, N, N)."""
-        feats, attentions = self._encode(x, need_weights=return_attention)
+        feats, attentions = self._encode(x, return_attention)
         logits = self.forward_head(feats)
         return (logits, attentions) if return_attention else logits
 

@@ -1,6 +1,6 @@
 """Backend dispatch for the encoder's hot ops: plain PyTorch ("torch") or the Triton kernels ("triton").
 
-Both backends compute the same function; the model picks one per forward pass (see `resolve_backend`).
+Both backends compute the same function; each layer (vitcore/layers.py) picks one per call (`pick_backend`).
 `kernels` is imported lazily so that CPU-only users never import triton.
 """
 
@@ -12,20 +12,30 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "attention", "attention_with_probs", "layer_norm", "linear_gelu", "resolve_backend"]
+__all__ = [
+    "BACKENDS", "attention", "attention_with_probs", "check_backend", "layer_norm", "linear_gelu", "pick_backend",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 
 _warned_attention_dropout = False
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn "auto" into "triton" on CUDA and "torch" elsewhere; check the name."""
+def check_backend(backend: str) -> None:
+    """Raise a ValueError naming the choices unless `backend` is one of BACKENDS."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
+
+
+def pick_backend(backend: str, op: str, *inputs: torch.Tensor) -> str:
+    """The backend ("torch" or "triton") for one call of `op` ("attention", "layer_norm", "linear_gelu").
+
+    A forced backend is returned as it is (layers check the name when it is set); "auto" is triton when the
+    inputs are on CUDA, torch elsewhere.
+    """
+    if backend != "auto":
+        return backend
+    return "triton" if inputs[0].device.type == "cuda" else "torch"
 
 
 def _autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
