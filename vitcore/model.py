@@ -12,19 +12,49 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import ViTConfig
 from .layers import BackendOwner, LayerNorm, MlpBlock, MultiHeadAttention, recording_attention
 from .resnet import ResNetRoot
 
-__all__ = ["VisionTransformer", "EncoderBlock"]
+__all__ = ["VisionTransformer", "EncoderBlock", "DropPath"]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (timm's DropPath): in training, zero a sample's residual branch with probability `rate`
+    and scale the kept ones by 1 / (1 - rate), so the expectation is unchanged; the identity in eval mode.
+
+    The mask comes from the global torch RNG, like dropout: the training loop seeds it per step.
+    """
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate {rate} must lie in [0, 1)")
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, 1): per sample
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:g}"
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm block: x + drop(MHA(LN(x))), then x + MLP(LN(x))."""
+    """Pre-norm block: x + drop_path(drop(MHA(LN(x)))), then x + drop_path(MLP(LN(x))).
 
-    def __init__(self, config: ViTConfig, backend: str = "auto") -> None:
+    With `grad_checkpointing` set (by `VisionTransformer.set_grad_checkpointing`) and autograd on, the block
+    keeps only its input for the backward pass and recomputes the rest there (the RNG state is replayed, so
+    dropout and drop-path masks, and hence the gradients, are those of the plain forward).
+    """
+
+    def __init__(self, config: ViTConfig, backend: str = "auto", drop_path: float = 0.0) -> None:
         super().__init__()
         dim = config.hidden_size
         self.norm1 = LayerNorm(dim, config.layer_norm_eps, backend)
@@ -32,10 +62,19 @@ class EncoderBlock(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.norm2 = LayerNorm(dim, config.layer_norm_eps, backend)
         self.mlp = MlpBlock(dim, config.mlp_dim, config.dropout, config.gelu, backend)
+        self.drop_path = DropPath(drop_path)
+        self.grad_checkpointing = False
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.drop(self.attn(self.norm1(x))))  # (B, N, C)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x)))  # (B, N, C)
-        return x + self.mlp(self.norm2(x))
+        # Not while attention is recorded: the recomputation would take the other (probability-keeping) path.
+        recording = any(getattr(m, "_records", None) is not None for m in self.modules())
+        if self.grad_checkpointing and torch.is_grad_enabled() and not recording:
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
 
 
 class VisionTransformer(nn.Module):
@@ -43,9 +82,12 @@ class VisionTransformer(nn.Module):
 
     backend: "torch" (plain PyTorch), "triton" (the fused kernels) or "auto" (resolved by each layer at forward
     time: triton on CUDA, torch otherwise). Every layer owns its backend; `set_backend` switches them all.
+    drop_path: stochastic-depth rate of the last block, rising linearly from 0 at the first (timm's rule);
+    a training-only regulariser, so checkpoints do not record it.
     """
 
-    def __init__(self, config: ViTConfig, img_size: int = 224, num_classes: int = 1000, backend: str = "auto") -> None:
+    def __init__(self, config: ViTConfig, img_size: int = 224, num_classes: int = 1000, backend: str = "auto",
+                 drop_path: float = 0.0) -> None:
         super().__init__()
         if not isinstance(config, ViTConfig):
             raise TypeError(f"config must be a ViTConfig (e.g. vitcore.CONFIGS['ViT-B_16']), got {type(config)}")
@@ -76,7 +118,9 @@ class VisionTransformer(nn.Module):
         self.pos_embedding = nn.Parameter(torch.empty(1, num_tokens, dim))
         nn.init.normal_(self.pos_embedding, std=0.02)  # as BERT / the official posemb_init
         self.pos_drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(EncoderBlock(config, backend) for _ in range(config.num_layers))
+        # Block i of L: R * i / (L - 1), timm's linspace (in Python: the model may be built on the meta device).
+        rates = [drop_path * i / max(config.num_layers - 1, 1) for i in range(config.num_layers)]
+        self.blocks = nn.ModuleList(EncoderBlock(config, backend, rate) for rate in rates)
         self.encoder_norm = LayerNorm(dim, config.layer_norm_eps, backend)
 
         rep = config.representation_size
@@ -103,6 +147,12 @@ class VisionTransformer(nn.Module):
             if isinstance(module, BackendOwner):
                 module.set_backend(backend)
         self.backend = backend
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> VisionTransformer:
+        """Activation checkpointing per encoder block (each block owns the choice); returns self."""
+        for block in self.blocks:
+            block.grad_checkpointing = enable
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
