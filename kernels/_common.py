@@ -1,12 +1,16 @@
-"""Shared by the attention, LayerNorm and Linear+GELU ops: input checks, allocation, launch sizing, and the small kernel
-that finishes a two-stage reduction (column sums of fp32 partials).
+"""Shared by the attention, LayerNorm and Linear+GELU ops: input checks, allocation, launch sizing, the small kernel
+that finishes a two-stage reduction (column sums of fp32 partials), and `KernelOp`, which turns an op's forward and
+backward launchers into one differentiable, torch.compile-visible function.
 
 Importing this module only defines functions; nothing is compiled or launched.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import triton
@@ -23,6 +27,9 @@ __all__ = [
     "next_pow2",
     "sm_count",
     "column_sums",
+    "KernelOp",
+    "skipped_grad",
+    "autotune",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -133,3 +140,93 @@ def column_sums(partial: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]
     _column_sum_kernel[grid](partial, outs[0], outs[-1], g, n, NUM_OUT=num_out, BLOCK_G=block_g, BLOCK_N=block_n,
                              num_warps=4)
     return outs
+
+
+# ------------------------------------------------------------------------------------------------- autotuning
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs: Any) -> Callable:
+    """triton.autotune whose choices persist on disk where the installed Triton can do that (cache_results,
+    Triton >= 3.4: the timings go to Triton's cache folder beside the compiled kernels, keyed by Triton's version,
+    the GPU target, the kernel's source and the tuning key), so a new process does not re-benchmark every config.
+    Older Triton tunes once per process, as before."""
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("cache_results", True)
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- differentiable ops
+
+
+def skipped_grad(like: torch.Tensor) -> torch.Tensor:
+    """What a backward launcher returns for a gradient it was told to skip: an empty tensor (a custom op cannot
+    return None); KernelOp hands autograd None in its place."""
+    return like.new_empty((0,))
+
+
+class KernelOp:
+    """One differentiable Triton op built from its launchers: the torch.library ops vitcore::<name>_fwd and
+    vitcore::<name>_bwd (with fake implementations, so torch.compile traces around them) and an autograd formula.
+
+    forward(*args) -> tuple of tensors; the first is the op's result, the rest are kept for the backward.
+    backward(grad, *saved_tensors, *saved_values, needs_grad) -> one gradient per differentiable argument (the
+        first `num_grads` of args). needs_grad (list of bool) is ctx.needs_input_grad for those arguments: where it
+        is False the launcher skips that gradient's kernels (frozen weights: no dW/dB work) and returns
+        `skipped_grad(...)`, which autograd receives as None.
+    save(args, outputs) -> (saved_tensors, saved_values): what backward needs besides grad. `args` are all the
+        arguments of the call; forward receives the leading ones its schema names, so trailing arguments reach
+        only the backward (e.g. which backward variant to run).
+    The fakes take the launchers' arguments and return empty tensors of the outputs' shapes and dtypes.
+
+    Eager calls skip the op wrappers and run the launchers directly: the wrapper costs ~20 us of Python per call,
+    as long as a whole LayerNorm forward at ViT-B sizes. Under torch.compile the ops are used, so the graph stays
+    whole (no graph breaks).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        forward: Callable[..., tuple[torch.Tensor, ...]],
+        forward_fake: Callable[..., tuple[torch.Tensor, ...]],
+        backward: Callable[..., tuple[torch.Tensor, ...]],
+        backward_fake: Callable[..., tuple[torch.Tensor, ...]],
+        save: Callable[[tuple, tuple], tuple[Sequence[torch.Tensor], Sequence[Any]]],
+        num_grads: int,
+    ) -> None:
+        self.name = name
+        self.forward, self.backward, self.save, self.num_grads = forward, backward, save, num_grads
+        self.forward_op = torch.library.custom_op(f"vitcore::{name}_fwd", forward, mutates_args=())
+        self.forward_op.register_fake(forward_fake)
+        self.backward_op = torch.library.custom_op(f"vitcore::{name}_bwd", backward, mutates_args=())
+        self.backward_op.register_fake(backward_fake)
+        self.forward_arity = len(self.forward_op._opoverload._schema.arguments)
+        self.function = _autograd_function(self)
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self.function.apply(*args)
+
+
+def _autograd_function(op: KernelOp) -> type[torch.autograd.Function]:
+    """The autograd.Function of one KernelOp (a class per op: autograd and torch.compile key on the class)."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            compiling = torch.compiler.is_compiling()
+            outputs = (op.forward_op if compiling else op.forward)(*args[: op.forward_arity])
+            tensors, values = op.save(args, outputs)
+            ctx.save_for_backward(*tensors)
+            ctx.saved_values = tuple(values)
+            return outputs[0]
+
+        @staticmethod
+        def backward(ctx, grad):
+            needs = list(ctx.needs_input_grad[: op.num_grads])
+            compiling = torch.compiler.is_compiling()
+            grads = (op.backward_op if compiling else op.backward)(grad, *ctx.saved_tensors, *ctx.saved_values, needs)
+            tail = (None,) * (len(ctx.needs_input_grad) - op.num_grads)  # non-tensor arguments
+            return (*(g if need else None for g, need in zip(grads, needs)), *tail)
+
+    Function.__name__ = Function.__qualname__ = f"{op.name}_function"
+    return Function

@@ -28,7 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_float, check_launchable, interpreting, new_output, next_pow2
+from ._common import (
+    KernelOp,
+    autotune,
+    cdiv,
+    check_float,
+    check_launchable,
+    interpreting,
+    new_output,
+    next_pow2,
+    skipped_grad,
+)
 
 __all__ = ["attention"]
 
@@ -417,7 +427,7 @@ def _autotuned(kind: str):
         ]
         # Every config rewrites all of its outputs (nothing accumulates across launches), so the
         # autotuner's repeated launches are harmless. The autotuner adds the tensors' dtypes to the key.
-        _AUTOTUNED[kind] = triton.autotune(configs=configs, key=["LEN_BUCKET", "BLOCK_D", "DOT_PRECISION"])(
+        _AUTOTUNED[kind] = autotune(configs=configs, key=["LEN_BUCKET", "BLOCK_D", "DOT_PRECISION"])(
             _KERNELS[kind]
         )
     return _AUTOTUNED[kind]
@@ -470,22 +480,25 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                        lse: torch.Tensor, scale: float,
+                        lse: torch.Tensor, scale: float, needs_grad: list[bool] = (True, True, True),
                         configs: dict[str, tuple[int, int, int, int]] | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv, each contiguous in q's dtype. `configs` optionally maps "dkdv"/"dq" to block sizes."""
+    """dq, dk, dv, each contiguous in q's dtype. `needs_grad` says which to compute (see KernelOp): the dq kernel
+    runs only for dq, the dK/dV kernel only for dk or dv. `configs` optionally maps "dkdv"/"dq" to block sizes."""
+    need_dq, need_dk, need_dv = needs_grad
     configs = configs or {}
     do = _unit_last_stride(do.to(q.dtype))
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     B, H, n_q, d = q.shape
     n_kv = k.shape[2]
-    dq = new_output(q.shape, q.dtype, q.device)
-    dk = new_output(k.shape, k.dtype, k.device)
-    dv = new_output(v.shape, v.dtype, v.device)
+    # dk and dv come from one kernel: both are allocated when either is wanted.
+    dq = new_output(q.shape if need_dq else (0,), q.dtype, q.device)
+    dk = new_output(k.shape if need_dk or need_dv else (0,), k.dtype, k.device)
+    dv = new_output(v.shape if need_dk or need_dv else (0,), v.dtype, v.device)
     if B * H == 0 or d == 0:
-        return dq, dk, dv
+        return _needed((dq, dk, dv), needs_grad)
     if n_q == 0:  # no query reads any key: the key/value gradients are exactly zero
-        return dq, dk.zero_(), dv.zero_()
+        return _needed((dq, dk.zero_(), dv.zero_()), needs_grad)
     block_d = _pow2_at_least_16(d)
     bucket = _pow2_at_least_16(max(n_q, n_kv))
     delta = new_output((B, H, n_q), torch.float32, q.device)
@@ -494,61 +507,56 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         o, do, delta, *o.stride(), *do.stride(), H, n_q, d, BLOCK_M=delta_block, BLOCK_D=block_d,
     )
     common = (H, n_q, n_kv, d, scale, scale * _LOG2E)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                 *dk.stride(), *dv.stride(), *common)
-    _launch("dkdv", n_kv, B * H, q.dtype, block_d, bucket, dkdv_args, configs.get("dkdv"))
-    dq_args = (q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-               *common)
-    _launch("dq", n_q, B * H, q.dtype, block_d, bucket, dq_args, configs.get("dq"))
-    return dq, dk, dv
+    if need_dk or need_dv:
+        dkdv_args = (q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                     *dk.stride(), *dv.stride(), *common)
+        _launch("dkdv", n_kv, B * H, q.dtype, block_d, bucket, dkdv_args, configs.get("dkdv"))
+    if need_dq:
+        dq_args = (q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                   *common)
+        _launch("dq", n_q, B * H, q.dtype, block_d, bucket, dq_args, configs.get("dq"))
+    return _needed((dq, dk, dv), needs_grad)
+
+
+def _needed(grads: tuple[torch.Tensor, ...], needs_grad: list[bool]) -> tuple[torch.Tensor, ...]:
+    """Each gradient, or the empty placeholder where it was not asked for."""
+    return tuple(g if need else skipped_grad(g) for g, need in zip(grads, needs_grad))
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom ops: opaque to torch.compile, which graphs around them via the fake impls
+# The differentiable custom op (vitcore::attention_fwd / attention_bwd, see _common.KernelOp)
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("vitcore::attention_fwd", mutates_args=())
-def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op's forward: (o, lse) at the heuristic (or autotuned) blocks."""
     return _attention_forward(q, k, v, scale)
 
 
-@_attention_fwd_op.register_fake
-def _(q, k, v, scale):
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, scale: float, needs_grad: list[bool]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's backward: (dq, dk, dv), the ones needs_grad leaves out empty."""
+    return _attention_backward(do, q, k, v, o, lse, scale, needs_grad)
+
+
+def _attention_fwd_fake(q, k, v, scale):
     B, H, n_q, d = q.shape
     return q.new_empty((B, H, n_q, d)), q.new_empty((B, H, n_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("vitcore::attention_bwd", mutates_args=())
-def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_backward(do, q, k, v, o, lse, scale)
+def _attention_bwd_fake(do, q, k, v, o, lse, scale, needs_grad):
+    return tuple(t.new_empty(t.shape) if need else skipped_grad(t) for t, need in zip((q, k, v), needs_grad))
 
 
-@_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-class _Attention(torch.autograd.Function):
-    # Eager calls go straight to the launchers: the custom-op wrapper costs tens of microseconds per call,
-    # and at ViT sizes a whole attention forward takes only ~0.2 ms. Under torch.compile the ops are used
-    # so the graph stays whole (the same scheme as layer_norm and linear_gelu).
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        fwd = _attention_fwd_op if torch.compiler.is_compiling() else _attention_forward
-        o, lse = fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        bwd = _attention_bwd_op if torch.compiler.is_compiling() else _attention_backward
-        dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
+_ATTENTION = KernelOp(
+    "attention",
+    forward=_attention_fwd, forward_fake=_attention_fwd_fake,
+    backward=_attention_bwd, backward_fake=_attention_bwd_fake,
+    save=lambda args, outs: ((*args[:3], *outs), (args[3],)),  # q, k, v, o, lse; scale
+    num_grads=3,
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,5 +610,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"attention: scale must be finite, got {scale}")
-    o = _Attention.apply(_as_4d(q), _as_4d(k), _as_4d(v), scale)
+    o = _ATTENTION(_as_4d(q), _as_4d(k), _as_4d(v), scale)
     return o.reshape(*lead, n_q, d)

@@ -4,8 +4,9 @@ forward:  y = (x - mean) * rstd * weight + bias, mean and rstd = 1/sqrt(var + ep
 backward: one kernel computes dX for its rows and sums dW/dB over those rows in fp32 registers, writing one
           (N,) partial per program; a small column-sum kernel over the (programs, N) partials is the second
           reduction (_common.column_sums). No atomics, so the result does not depend on scheduling.
-torch.library ops vitcore::layer_norm_fwd / layer_norm_bwd (with fake implementations) are what torch.compile
-sees; eager calls skip their wrappers and call the same launchers directly.
+torch.library ops vitcore::layer_norm_fwd / layer_norm_bwd (with fake implementations, made by _common.KernelOp) are
+what torch.compile sees; eager calls skip their wrappers and call the same launchers directly. Frozen weight and
+bias (ctx.needs_input_grad) skip the dW/dB reduction.
 
 Dtypes: x in fp32/fp16/bf16; weight and bias share one dtype, which may differ from x's (fp32 master weights
 with half activations). All arithmetic is fp32; y and dx come back in x's dtype, dweight and dbias in the
@@ -22,9 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check_float, check_launchable, column_sums, new_output, next_pow2, sm_count
+from ._common import (
+    KernelOp,
+    cdiv,
+    check_float,
+    check_launchable,
+    column_sums,
+    new_output,
+    next_pow2,
+    skipped_grad,
+    sm_count,
+)
 
-__all__ = ["layer_norm", "LayerNormFunction", "MAX_WIDTH"]
+__all__ = ["layer_norm", "MAX_WIDTH"]
 
 MAX_WIDTH = 8192
 
@@ -164,8 +175,12 @@ def _layer_norm_fwd(
 
 
 def _layer_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); needs_grad says which of the three to compute (see KernelOp). dx and the dW/dB
+    partials come from one fused kernel; frozen weight and bias skip the second reduction (column_sums)."""
+    need_dx, need_dw, need_db = needs_grad
     n = x.shape[-1]
     x2 = _rows_view(x, n)
     dy2 = _rows_view(dy, n)
@@ -173,8 +188,8 @@ def _layer_norm_bwd(
     m = x2.shape[0]
     dx = new_output((m, n), x.dtype, x.device)
     if m == 0:
-        zeros = torch.zeros(n, dtype=weight.dtype, device=weight.device)
-        return dx.view(x.shape), zeros, zeros.clone()
+        zeros = lambda need: torch.zeros(n, dtype=weight.dtype, device=weight.device) if need else skipped_grad(weight)
+        return (dx.view(x.shape) if need_dx else skipped_grad(x)), zeros(need_dw), zeros(need_db)
     block_n, rows, num_warps = _block_shape(n, 2048)
     # A few programs per SM, each looping over a contiguous run of rows: enough parallelism to saturate memory
     # while keeping the (G, N) partial buffers (and the second reduction) small next to x itself.
@@ -187,57 +202,38 @@ def _layer_norm_bwd(
         dy2.stride(0), x2.stride(0), m, n, rows_per_prog,
         BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
-    dw, db = column_sums(partial, weight.dtype)
-    return dx.view(x.shape), dw, db
+    # The second reduction only for the buffers whose gradient is wanted (none when weight and bias are frozen).
+    lo, hi = (0 if need_dw else 1), (2 if need_db else 1)
+    sums = column_sums(partial[lo:hi], weight.dtype) if lo < hi else []
+    dw = sums.pop(0) if need_dw else skipped_grad(weight)
+    db = sums.pop(0) if need_db else skipped_grad(weight)
+    return (dx.view(x.shape) if need_dx else skipped_grad(x)), dw, db
 
 
-# -------------------------------------------------------------------------------------------- torch.library ops
+# ------------------------------------------------------------------------------------ differentiable custom op
 
 
-@torch.library.custom_op("vitcore::layer_norm_fwd", mutates_args=())
-def _layer_norm_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd): y has x's shape and dtype, mean/rstd are fp32 of shape (rows,)."""
-    return _layer_norm_fwd(x, weight, bias, eps)
-
-
-@_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, eps):
+def _layer_norm_fwd_fake(x, weight, bias, eps):
     m = math.prod(x.shape[:-1])
     stats = x.new_empty((m,), dtype=torch.float32)
     return x.new_empty(x.shape), stats, stats.clone()
 
 
-@torch.library.custom_op("vitcore::layer_norm_bwd", mutates_args=())
-def _layer_norm_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias)."""
-    return _layer_norm_bwd(dy, x, weight, mean, rstd)
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, needs_grad):
+    need_dx, need_dw, need_db = needs_grad
+    grad = lambda need, t: t.new_empty(t.shape) if need else skipped_grad(t)
+    return grad(need_dx, x), grad(need_dw, weight), grad(need_db, weight)
 
 
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
-
-
-class LayerNormFunction(torch.autograd.Function):
-    # Eager calls go straight to the launchers: the custom-op wrapper costs ~20 us of Python per call, as long as
-    # the forward kernel itself at ViT-B sizes. Under torch.compile the ops are used so the graph stays whole.
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        fwd = _layer_norm_fwd_op if torch.compiler.is_compiling() else _layer_norm_fwd
-        y, mean, rstd = fwd(x, weight, bias, eps)
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        bwd = _layer_norm_bwd_op if torch.compiler.is_compiling() else _layer_norm_bwd
-        dx, dw, db = bwd(dy, x, weight, mean, rstd)
-        return dx, dw, db, None
+# vitcore::layer_norm_fwd (x, weight, bias, eps) -> (y, mean, rstd): y of x's shape and dtype, mean/rstd fp32 of
+# shape (rows,); vitcore::layer_norm_bwd (dy, x, weight, mean, rstd, needs_grad) -> (dx, dweight, dbias).
+_LAYER_NORM = KernelOp(
+    "layer_norm",
+    forward=_layer_norm_fwd, forward_fake=_layer_norm_fwd_fake,
+    backward=_layer_norm_bwd, backward_fake=_layer_norm_bwd_fake,
+    save=lambda args, outs: ((args[0], args[1], outs[1], outs[2]), ()),  # x, weight, mean, rstd
+    num_grads=3,
+)  # fmt: skip
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -262,4 +258,4 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
             f"{op}: width {n} not supported; the kernel keeps one row in a block, 1 <= width <= {MAX_WIDTH}"
         )
     check_launchable(op, x, weight, bias)
-    return LayerNormFunction.apply(x, weight, bias, float(eps))
+    return _LAYER_NORM(x, weight, bias, float(eps))

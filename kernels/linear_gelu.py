@@ -12,8 +12,9 @@ backward: dH = dY * gelu'(h), then dX = dH @ W, dW = dH^T @ X, db = sum_rows dH.
                      from tiles of dY and h, and the dW GEMM also reduces db.
           benchmarks/bench_linear_gelu.py times both; keep whichever wins on the target GPU as the default.
 
-torch.library ops vitcore::linear_gelu_fwd / linear_gelu_bwd (with fake implementations) are what torch.compile
-sees; eager calls skip their wrappers and call the same launchers directly.
+torch.library ops vitcore::linear_gelu_fwd / linear_gelu_bwd (with fake implementations, made by _common.KernelOp) are
+what torch.compile sees; eager calls skip their wrappers and call the same launchers directly. Frozen weights
+(ctx.needs_input_grad) run no dW GEMM, a frozen bias no db reduction.
 
 GELU: approximate="tanh" (default; the official ViT's flax gelu) or "erf" (exact; "none" is torch's spelling).
 Dtypes: x, weight and bias share one of fp32/fp16/bf16; under torch.autocast all three are cast to the autocast
@@ -31,6 +32,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    KernelOp,
+    autotune,
     cdiv,
     check_float,
     check_launchable,
@@ -38,10 +41,11 @@ from ._common import (
     interpreting,
     new_output,
     next_pow2,
+    skipped_grad,
     sm_count,
 )
 
-__all__ = ["linear_gelu", "LinearGeluFunction", "BACKWARD_ENV", "BACKWARD_VARIANTS", "DEFAULT_BACKWARD"]
+__all__ = ["linear_gelu", "BACKWARD_ENV", "BACKWARD_VARIANTS", "DEFAULT_BACKWARD"]
 
 BACKWARD_ENV = "VITCORE_LINEAR_GELU_BWD"
 BACKWARD_VARIANTS = ("cublas", "triton")
@@ -273,7 +277,7 @@ def _launch_gemm(role: str, a, aux, b, bias, c, h, db, m, n, k, a_strides, aux_s
                            num_warps=4, num_stages=3)
     else:
         if role not in _TUNED:
-            _TUNED[role] = triton.autotune(
+            _TUNED[role] = autotune(
                 configs=_gpu_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune_configs}
             )(_gemm_kernel)
         _TUNED[role][grid](*args, **flags, DOT_PRECISION=precision)
@@ -301,100 +305,95 @@ def _linear_gelu_fwd(
 
 
 def _linear_gelu_bwd(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, approximate: str, backward: str
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, approximate: str, backward: str,
+    needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); needs_grad says which of the three to compute (see KernelOp): a frozen weight runs no
+    dW GEMM, a frozen bias no db reduction, an x that needs no gradient no dX GEMM."""
+    need_dx, need_dw, need_db = needs_grad
     n, k = weight.shape
     x2 = x.reshape(-1, k)
     dy2 = dy.reshape(-1, n)
     m = x2.shape[0]
     tanh = approximate == "tanh"
     if m == 0:
-        return torch.zeros_like(x), torch.zeros_like(weight), torch.zeros(n, dtype=weight.dtype, device=x.device)
-    if backward == "cublas":
+        zeros = lambda need, t, shape: torch.zeros(shape, dtype=t.dtype, device=t.device) if need else skipped_grad(t)
+        return zeros(need_dx, x, x.shape), zeros(need_dw, weight, weight.shape), zeros(need_db, weight, (n,))
+    dx = dw = db = None
+    # The fused "triton" backward gets db from the dW GEMM; with the weight frozen but the bias trained, dH
+    # written once by the elementwise kernel (which sums db on the way) is cheaper than a whole GEMM.
+    if backward == "cublas" or (need_db and not need_dw):
         dh = new_output((m, n), x.dtype, x.device)
         bm, bn = (64, 64) if interpreting() else (64, 128)
         db_partial = new_output((cdiv(m, bm), n), torch.float32, x.device)
         grid = (cdiv(m, bm), cdiv(n, bn))
         _dgelu_kernel[grid](dy2, h, dh, db_partial, m, n, dy2.stride(0), dy2.stride(1), APPROX_TANH=tanh,
                             BLOCK_M=bm, BLOCK_N=bn, num_warps=8)
-        dx = torch.mm(dh, weight)  # (M, N) @ (N, K)
-        dw = torch.mm(dh.t(), x2)  # (N, M) @ (M, K)
-        (db,) = column_sums(db_partial[None], weight.dtype)
+        if need_dx:
+            dx = torch.mm(dh, weight)  # (M, N) @ (N, K)
+        if need_dw:
+            dw = torch.mm(dh.t(), x2)  # (N, M) @ (M, K)
+        if need_db:
+            (db,) = column_sums(db_partial[None], weight.dtype)
     else:
-        dx = new_output((m, k), x.dtype, x.device)
         split = _split_k(n, k, m, x.device)
-        # With a split reduction the dW GEMM writes fp32 partials (split, N, K) and (split, N), summed below.
-        if split > 1:
-            dw_out = new_output((split, n, k), torch.float32, x.device)
-        else:
-            dw_out = new_output((n, k), weight.dtype, x.device)
-        db_out = new_output((split, n), torch.float32, x.device)
-        # dX (M, K) = dH (M, N) @ W (N, K), dH made in the prologue from dY and h tiles.
-        _launch_gemm(
-            "dx", dy2, h, weight, dy2, dx, dx, db_out, m, k, n,
-            dy2.stride(), h.stride(), weight.stride(),
-            EPILOGUE_GELU=False, PROLOGUE_DGELU=True, WRITE_DB=False, APPROX_TANH=tanh,
-        )  # fmt: skip
-        # dW (N, K) = dH^T (N, M) @ X (M, K): dY and h read through swapped strides; db = row sums of dH^T.
-        _launch_gemm(
-            "dw", dy2, h, x2, dy2, dw_out, dw_out, db_out, n, k, m,
-            (dy2.stride(1), dy2.stride(0)), (h.stride(1), h.stride(0)), x2.stride(), split_k=split,
-            EPILOGUE_GELU=False, PROLOGUE_DGELU=True, WRITE_DB=True, APPROX_TANH=tanh,
-        )  # fmt: skip
-        dw = column_sums(dw_out.view(1, split, n * k), weight.dtype)[0].view(n, k) if split > 1 else dw_out
-        (db,) = column_sums(db_out[None], weight.dtype)
-    return dx.view(x.shape), dw, db
+        db_out = new_output((split, n), torch.float32, x.device)  # written by the dW GEMM (the dX one ignores it)
+        if need_dx:
+            # dX (M, K) = dH (M, N) @ W (N, K), dH made in the prologue from dY and h tiles.
+            dx = new_output((m, k), x.dtype, x.device)
+            _launch_gemm(
+                "dx", dy2, h, weight, dy2, dx, dx, db_out, m, k, n,
+                dy2.stride(), h.stride(), weight.stride(),
+                EPILOGUE_GELU=False, PROLOGUE_DGELU=True, WRITE_DB=False, APPROX_TANH=tanh,
+            )  # fmt: skip
+        if need_dw:
+            # With a split reduction the dW GEMM writes fp32 partials (split, N, K) and (split, N), summed below.
+            if split > 1:
+                dw_out = new_output((split, n, k), torch.float32, x.device)
+            else:
+                dw_out = new_output((n, k), weight.dtype, x.device)
+            # dW (N, K) = dH^T (N, M) @ X (M, K): dY and h read through swapped strides; db = row sums of dH^T.
+            _launch_gemm(
+                "dw", dy2, h, x2, dy2, dw_out, dw_out, db_out, n, k, m,
+                (dy2.stride(1), dy2.stride(0)), (h.stride(1), h.stride(0)), x2.stride(), split_k=split,
+                EPILOGUE_GELU=False, PROLOGUE_DGELU=True, WRITE_DB=True, APPROX_TANH=tanh,
+            )  # fmt: skip
+            dw = column_sums(dw_out.view(1, split, n * k), weight.dtype)[0].view(n, k) if split > 1 else dw_out
+            if need_db:
+                (db,) = column_sums(db_out[None], weight.dtype)
+    return (
+        dx.view(x.shape) if need_dx else skipped_grad(x),
+        dw if need_dw else skipped_grad(weight),
+        db if need_db else skipped_grad(weight),
+    )
 
 
-# -------------------------------------------------------------------------------------------- torch.library ops
+# ------------------------------------------------------------------------------------ differentiable custom op
 
 
-@torch.library.custom_op("vitcore::linear_gelu_fwd", mutates_args=())
-def _linear_gelu_fwd_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str, save_h: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h): y of shape (..., N); h the (rows, N) pre-activation kept for the backward, (0, N) if not save_h."""
-    return _linear_gelu_fwd(x, weight, bias, approximate, save_h)
-
-
-@_linear_gelu_fwd_op.register_fake
-def _(x, weight, bias, approximate, save_h):
+def _linear_gelu_fwd_fake(x, weight, bias, approximate, save_h):
     n = weight.shape[0]
     m = math.prod(x.shape[:-1])
     return x.new_empty((*x.shape[:-1], n)), x.new_empty((m if save_h else 0, n))
 
 
-@torch.library.custom_op("vitcore::linear_gelu_bwd", mutates_args=())
-def _linear_gelu_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, approximate: str, backward: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias)."""
-    return _linear_gelu_bwd(dy, x, weight, h, approximate, backward)
+def _linear_gelu_bwd_fake(dy, x, weight, h, approximate, backward, needs_grad):
+    need_dx, need_dw, need_db = needs_grad
+    grad = lambda need, t, shape: t.new_empty(shape) if need else skipped_grad(t)
+    return grad(need_dx, x, x.shape), grad(need_dw, weight, weight.shape), grad(need_db, weight, weight.shape[:1])
 
 
-@_linear_gelu_bwd_op.register_fake
-def _(dy, x, weight, h, approximate, backward):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],))
-
-
-class LinearGeluFunction(torch.autograd.Function):
-    # Eager calls go straight to the launchers (the custom-op wrapper costs ~20 us of Python per call); under
-    # torch.compile the ops are used so the graph stays whole.
-    @staticmethod
-    def forward(ctx, x, weight, bias, approximate, backward, save_h):
-        fwd = _linear_gelu_fwd_op if torch.compiler.is_compiling() else _linear_gelu_fwd
-        y, h = fwd(x, weight, bias, approximate, save_h)
-        ctx.save_for_backward(x, weight, h)
-        ctx.approximate = approximate
-        ctx.backward_variant = backward
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, h = ctx.saved_tensors
-        bwd = _linear_gelu_bwd_op if torch.compiler.is_compiling() else _linear_gelu_bwd
-        dx, dw, db = bwd(dy, x, weight, h, ctx.approximate, ctx.backward_variant)
-        return dx, dw, db, None, None, None
+# vitcore::linear_gelu_fwd (x, weight, bias, approximate, save_h) -> (y, h): y of shape (..., N); h the (rows, N)
+# pre-activation kept for the backward, (0, N) if not save_h. vitcore::linear_gelu_bwd (dy, x, weight, h,
+# approximate, backward, needs_grad) -> (dx, dweight, dbias). The call's sixth argument, `backward`, reaches only
+# the backward.
+_LINEAR_GELU = KernelOp(
+    "linear_gelu",
+    forward=_linear_gelu_fwd, forward_fake=_linear_gelu_fwd_fake,
+    backward=_linear_gelu_bwd, backward_fake=_linear_gelu_bwd_fake,
+    save=lambda args, outs: ((args[0], args[1], outs[1]), (args[3], args[5])),  # x, weight, h; approximate, backward
+    num_grads=3,
+)  # fmt: skip
 
 
 def linear_gelu(
@@ -444,4 +443,4 @@ def linear_gelu(
         raise ValueError(f"{op}: tensors over 2**31 elements are not supported (32-bit offsets); split the batch")
     check_launchable(op, x, weight, bias, dots=True)
     save_h = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    return LinearGeluFunction.apply(x, weight, bias, _APPROXIMATE[approximate], backward, save_h)
+    return _LINEAR_GELU(x, weight, bias, _APPROXIMATE[approximate], save_h, backward)

@@ -1,11 +1,13 @@
-"""The LayerNorm and Linear+GELU kernels as torch.library custom ops: schemas and fake (meta) implementations
-checked by torch.library.opcheck, and torch.compile graphs around them (fullgraph: no graph breaks) computing
-the same values and gradients as eager mode. Also, without a GPU: every kernel (attention's in bf16) compiles for
-an H100 (sm_90)
-with the ptxas shipped in the triton wheel, catching what the interpreter forgives (run as
-`python tests/test_custom_ops.py` for the per-kernel registers and shared memory).
+"""The kernels as torch.library custom ops (made by kernels._common.KernelOp): schemas and fake (meta)
+implementations checked by torch.library.opcheck, for every combination of wanted gradients; torch.compile graphs
+around them (fullgraph: no graph breaks) computing the same values and gradients as eager mode, frozen weights
+included; and frozen weights launching no weight-gradient kernel. Also, without a GPU: every kernel (attention's in
+bf16) compiles for an H100 (sm_90) with the ptxas shipped in the triton wheel, catching what the interpreter
+forgives (run as `python tests/test_custom_ops.py` for the per-kernel registers and shared memory).
 """
 
+import importlib
+import itertools
 import os
 import subprocess
 import sys
@@ -13,9 +15,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import check_close
 
 import kernels
 
+ln_mod = importlib.import_module("kernels.layer_norm")  # the package re-exports the functions under these names
+lg_mod = importlib.import_module("kernels.linear_gelu")
+attn_mod = importlib.import_module("kernels.attention")
+# Which of (x, weight, bias) want a gradient: every combination a backward can be asked for.
+NEEDS = [list(c) for c in itertools.product([True, False], repeat=3) if any(c)]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Under the interpreter exp runs in numpy, which warns when GELU's sigmoid meets exp(-2u) = inf for very
 # negative pre-activations; inf is the right limit there (sigmoid -> 0), so the warning is noise.
@@ -37,7 +45,8 @@ def test_opcheck_layer_norm(gen):
     torch.library.opcheck(torch.ops.vitcore.layer_norm_fwd.default, (x, w, b, 1e-6))
     _, mean, rstd = torch.ops.vitcore.layer_norm_fwd(x, w, b, 1e-6)
     dy = _randn(3, 5, 24, gen=gen)
-    torch.library.opcheck(torch.ops.vitcore.layer_norm_bwd.default, (dy, x, w, mean, rstd))
+    for needs in NEEDS:
+        torch.library.opcheck(torch.ops.vitcore.layer_norm_bwd.default, (dy, x, w, mean, rstd, needs))
 
 
 @pytest.mark.parametrize("backward", ["cublas", "triton"])
@@ -48,7 +57,8 @@ def test_opcheck_linear_gelu(gen, backward):
     torch.library.opcheck(torch.ops.vitcore.linear_gelu_fwd.default, (x, w, b, "tanh", True))
     _, h = torch.ops.vitcore.linear_gelu_fwd(x, w, b, "erf", True)
     dy = _randn(2, 7, 24, gen=gen)
-    torch.library.opcheck(torch.ops.vitcore.linear_gelu_bwd.default, (dy, x, w, h, "erf", backward))
+    for needs in NEEDS:
+        torch.library.opcheck(torch.ops.vitcore.linear_gelu_bwd.default, (dy, x, w, h, "erf", backward, needs))
 
 
 def _mlp_block(x, ln_w, ln_b, fc_w, fc_b):
@@ -62,14 +72,17 @@ def _torch_block(x, ln_w, ln_b, fc_w, fc_b):
     return F.gelu(F.linear(h, fc_w, fc_b), approximate="tanh").square().mean() + x.sum() * 0.01
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen_weights"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(gen, backend):
+def test_torch_compile_fullgraph(gen, backend, frozen):
+    # frozen: only x wants a gradient (a linear probe's or LoRA's frozen LayerNorm and fc1).
     torch._dynamo.reset()
     params = [_randn(4, 9, 32, gen=gen), _randn(32, gen=gen), _randn(32, gen=gen), _randn(48, 32, gen=gen) * 0.2,
               _randn(48, gen=gen)]  # fmt: skip
-    eager = [p.clone().requires_grad_() for p in params]
-    compiled = [p.clone().requires_grad_() for p in params]
-    reference = [p.clone().double().requires_grad_() for p in params]
+    trained = [True] + [not frozen] * 4
+    eager = [p.clone().requires_grad_(t) for p, t in zip(params, trained)]
+    compiled = [p.clone().requires_grad_(t) for p, t in zip(params, trained)]
+    reference = [p.clone().double().requires_grad_(t) for p, t in zip(params, trained)]
 
     loss_eager = _mlp_block(*eager)
     loss_eager.backward()
@@ -81,7 +94,10 @@ def test_torch_compile_fullgraph(gen, backend):
 
     torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(loss_compiled.double(), loss_ref, rtol=1e-5, atol=1e-6)
-    for c, e, r in zip(compiled, eager, reference):
+    for c, e, r, t in zip(compiled, eager, reference, trained):
+        if not t:
+            assert c.grad is None and e.grad is None
+            continue
         torch.testing.assert_close(c.grad, e.grad, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(c.grad.double(), r.grad, rtol=1e-5, atol=1e-6)
 
@@ -115,6 +131,140 @@ def test_compiled_graph_calls_the_custom_ops(gen):
     for op in ("layer_norm_fwd", "layer_norm_bwd", "linear_gelu_fwd", "linear_gelu_bwd"):
         assert f"vitcore.{op}" in graph, f"{op} missing from the compiled graph"
 
+
+def test_compiled_backward_skips_frozen_weight_gradients(gen):
+    # The compiled backward passes ctx.needs_input_grad into the ops: with frozen weights, [True, False, False].
+    torch._dynamo.reset()
+    seen = []
+
+    def recording_backend(gm, example_inputs):
+        seen.append(gm.print_readable(print_output=False))
+        return gm.forward
+
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def aot_recording(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=recording_backend, bw_compiler=recording_backend)
+
+    x = _randn(2, 3, 32, gen=gen).requires_grad_()
+    params = [_randn(32, gen=gen), _randn(32, gen=gen), _randn(48, 32, gen=gen), _randn(48, gen=gen)]
+    torch.compile(_mlp_block, backend=aot_recording, fullgraph=True)(x, *params).backward()
+    backward_graph = seen[-1]
+    for op in ("layer_norm_bwd", "linear_gelu_bwd"):
+        calls = [line for line in backward_graph.splitlines() if f"vitcore.{op}" in line]
+        assert calls and all("[True, False, False]" in line for line in calls), backward_graph
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the backward's gradient launches, in order, recorded by wrapping what starts them: LayerNorm's
+    dW/dB reduction (column_sums), Linear+GELU's GEMMs (Triton roles; torch.mm for the cuBLAS variant), its dGELU
+    kernel and reductions, attention's kernels."""
+    seen = []
+
+    def spy(module, name, label):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append(label(*args, **kwargs))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    class KernelSpy:  # stands in for a @triton.jit kernel, launched as kernel[grid](...)
+        def __init__(self, kernel, label):
+            self.kernel, self.label = kernel, label
+
+        def __getitem__(self, grid):
+            seen.append(self.label)
+            return self.kernel[grid]
+
+    spy(ln_mod, "column_sums", lambda partial, dtype: f"layer_norm sums x{partial.shape[0]}")
+    spy(lg_mod, "column_sums", lambda partial, dtype: "linear_gelu sums")
+    spy(lg_mod, "_launch_gemm", lambda role, *a, **k: f"gemm {role}")
+    spy(attn_mod, "_launch", lambda kind, *a, **k: f"attention {kind}")
+    # The cuBLAS GEMMs: dX = dH @ W (dH contiguous), dW = dH^T @ X (a transposed view).
+    spy(torch, "mm", lambda a, b, **k: "mm dX" if a.is_contiguous() else "mm dW")
+    monkeypatch.setattr(ln_mod, "_layer_norm_bwd_kernel", KernelSpy(ln_mod._layer_norm_bwd_kernel, "layer_norm bwd"))
+    monkeypatch.setattr(lg_mod, "_dgelu_kernel", KernelSpy(lg_mod._dgelu_kernel, "dgelu"))
+    return seen
+
+
+
+def _backward_launches(launches, fn, inputs, trained, ref_fn):
+    """Run fn forward and backward with only the `trained` inputs wanting gradients; return the backward's launches
+    after checking every gradient against float64 (None for the frozen ones)."""
+    leaves = [t.detach().clone().requires_grad_(need) for t, need in zip(inputs, trained)]
+    out = fn(*leaves)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    launches.clear()
+    out.backward(dy)
+    recorded = list(launches)
+    leaves64 = [t.detach().double().requires_grad_(need) for t, need in zip(inputs, trained)]
+    ref_fn(*leaves64).backward(dy.double())
+    for i, (ours, ref) in enumerate(zip(leaves, leaves64)):
+        if trained[i]:
+            check_close(f"grad {i}", ours.grad, ref.grad)
+        else:
+            assert ours.grad is None
+    return recorded
+
+
+T, F_ = True, False
+LAYER_NORM_LAUNCHES = {  # (x, weight, bias) trained -> the backward's launches
+    (T, T, T): ["layer_norm bwd", "layer_norm sums x2"],
+    (T, F_, F_): ["layer_norm bwd"],  # frozen weight and bias: no second reduction
+    (T, F_, T): ["layer_norm bwd", "layer_norm sums x1"],
+    (F_, T, T): ["layer_norm bwd", "layer_norm sums x2"],  # dx comes from the same fused kernel
+}
+LINEAR_GELU_LAUNCHES = {  # (backward variant, (x, weight, bias) trained) -> the backward's launches
+    ("cublas", (T, T, T)): ["dgelu", "mm dX", "mm dW", "linear_gelu sums"],
+    ("cublas", (T, F_, F_)): ["dgelu", "mm dX"],
+    ("cublas", (F_, T, T)): ["dgelu", "mm dW", "linear_gelu sums"],
+    ("cublas", (T, F_, T)): ["dgelu", "mm dX", "linear_gelu sums"],
+    ("triton", (T, T, T)): ["gemm dx", "gemm dw", "linear_gelu sums"],
+    ("triton", (T, F_, F_)): ["gemm dx"],
+    ("triton", (F_, T, T)): ["gemm dw", "linear_gelu sums"],
+    ("triton", (T, F_, T)): ["dgelu", "mm dX", "linear_gelu sums"],  # bias only: dH once beats a dW GEMM
+}
+ATTENTION_LAUNCHES = {  # (q, k, v) trained -> the backward's launches
+    (T, T, T): ["attention dkdv", "attention dq"],
+    (T, F_, F_): ["attention dq"],
+    (F_, T, T): ["attention dkdv"],
+    (F_, F_, T): ["attention dkdv"],
+}
+
+
+@pytest.mark.parametrize("trained", list(LAYER_NORM_LAUNCHES))
+def test_layer_norm_frozen_weights_launch_no_weight_gradient_kernel(gen, launches, trained):
+    inputs = [_randn(3, 7, 40, gen=gen), 1 + _randn(40, gen=gen), _randn(40, gen=gen)]
+    recorded = _backward_launches(launches, lambda x, w, b: kernels.layer_norm(x, w, b), inputs, trained,
+                                  lambda x, w, b: F.layer_norm(x, (40,), w, b, 1e-6))
+    assert recorded == LAYER_NORM_LAUNCHES[trained]
+
+
+@pytest.mark.parametrize("backward,trained", list(LINEAR_GELU_LAUNCHES))
+def test_linear_gelu_frozen_weights_launch_no_weight_gradient_kernel(gen, launches, backward, trained):
+    # in_features 24: no split-K in the interpreter, so each reduction is one launch.
+    inputs = [_randn(3, 5, 24, gen=gen), _randn(40, 24, gen=gen) * 0.2, _randn(40, gen=gen)]
+    recorded = _backward_launches(launches, lambda x, w, b: kernels.linear_gelu(x, w, b, backward=backward),
+                                  inputs, trained, lambda x, w, b: F.gelu(F.linear(x, w, b), approximate="tanh"))
+    assert recorded == LINEAR_GELU_LAUNCHES[(backward, trained)]
+
+
+@pytest.mark.parametrize("trained", list(ATTENTION_LAUNCHES))
+def test_attention_frozen_inputs_skip_their_kernels(gen, launches, trained):
+    inputs = [_randn(1, 2, 20, 16, gen=gen) for _ in range(3)]
+    ref = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+    recorded = _backward_launches(launches, lambda q, k, v: kernels.attention(q, k, v, 0.25), inputs, trained, ref)
+    assert recorded == ATTENTION_LAUNCHES[trained]
+
+
+@pytest.mark.parametrize("trained", list(ATTENTION_LAUNCHES))
+def test_opcheck_attention_needs(gen, trained):
+    q, k, v, do = (_randn(1, 2, 20, 16, gen=gen) for _ in range(4))
+    o, lse = torch.ops.vitcore.attention_fwd(q, k, v, 0.25)
+    torch.library.opcheck(torch.ops.vitcore.attention_bwd.default, (do, q, k, v, o, lse, 0.25, list(trained)))
 
 def _compile_for_sm90(verbose: bool = False) -> None:
     """Compile each kernel at its production launch parameters for sm_90 (no device needed). Must run without
