@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from kernel_checks import check_close, rel_err
 
 import vitcore
 from vitcore import VisionTransformer, ViTConfig, ops
@@ -48,11 +49,6 @@ def twin_models(cfg: ViTConfig, img: int, device: str = DEVICE) -> tuple[VisionT
     return ref, fast
 
 
-def assert_close_rel(got: torch.Tensor, want: torch.Tensor, tol: float, name: str = "") -> None:
-    err = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)
-    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_backend_matches_torch_forward_and_gradients(case):
     cfg, img = CASES[case]
@@ -64,9 +60,9 @@ def test_triton_backend_matches_torch_forward_and_gradients(case):
         out = model(x)
         out.square().sum().backward()
         grads[name] = (out.detach(), {n: p.grad for n, p in model.named_parameters()})
-    assert_close_rel(grads["triton"][0], grads["torch"][0], FWD_TOL, "logits")
+    check_close("logits", grads["triton"][0], grads["torch"][0], tol=FWD_TOL)
     for n, g in grads["torch"][1].items():
-        assert_close_rel(grads["triton"][1][n], g, GRAD_TOL, n)
+        check_close(n, grads["triton"][1][n], g, tol=GRAD_TOL)
 
 
 def test_triton_attention_dropout_falls_back_to_torch_and_warns_once(monkeypatch):
@@ -84,7 +80,7 @@ def test_triton_attention_dropout_falls_back_to_torch_and_warns_once(monkeypatch
         fast(x)
     messages = [str(w.message) for w in caught if "attention_dropout" in str(w.message)]
     assert len(messages) == 1 and "falls back" in messages[0]
-    assert_close_rel(got.detach(), want.detach(), FWD_TOL, "logits")
+    check_close("logits", got.detach(), want.detach(), tol=FWD_TOL)
 
 
 def test_triton_return_attention_gives_the_torch_probabilities():
@@ -94,9 +90,9 @@ def test_triton_return_attention_gives_the_torch_probabilities():
     with torch.no_grad():
         want_logits, want = ref.eval()(x, return_attention=True)
         got_logits, got = fast.eval()(x, return_attention=True)
-    assert_close_rel(got_logits, want_logits, FWD_TOL, "logits")
+    check_close("logits", got_logits, want_logits, tol=FWD_TOL)
     for a, b in zip(got, want):
-        assert_close_rel(a, b, FWD_TOL, "probs")
+        check_close("probs", a, b, tol=FWD_TOL)
 
 
 # Full-width layers of the zoo (two blocks each, to keep the GPU check short): ViT-B_16, ViT-H_14 (head_dim 80),
@@ -127,12 +123,9 @@ def test_triton_bf16_error_is_bounded_by_torch_bf16_error_on_cuda(case):
     torch_out, torch_grads = run(ref, autocast=True)
     fast_out, fast_grads = run(fast, autocast=True)
 
-    def err(a, b):
-        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-    assert err(fast_out, exact_out) <= 2 * err(torch_out, exact_out) + 1e-3
+    assert rel_err(fast_out, exact_out) <= 2 * rel_err(torch_out, exact_out) + 1e-3
     for n, g in exact_grads.items():
-        assert err(fast_grads[n], g) <= 2 * err(torch_grads[n], g) + 1e-3, n
+        assert rel_err(fast_grads[n], g) <= 2 * rel_err(torch_grads[n], g) + 1e-3, n
 
 
 def test_triton_backend_really_calls_the_kernels(monkeypatch):
