@@ -177,3 +177,21 @@ def test_layer_norm_strided_weight_and_bias():
     F.layer_norm(x64, (33,), wb64[:, 0], wb64[:, 1], 1e-6).backward(dy.double())
     check_close("dx", x.grad, x64.grad, None)
     check_close("dweight, dbias", wb.grad, wb64.grad, None)
+
+
+@pytest.mark.parametrize("dtype,defect", [(torch.float32, 1e-4), (torch.float16, 4 * 2.0**-10)])
+def test_check_close_catches_a_defect_confined_to_one_row(dtype, defect):
+    # The shared checker's element-wise bound: one row of 300 off by `defect` (relative; fp32: 10x the tolerance,
+    # fp16: 4 ulps) hides in the norm-wise error, diluted by the other rows, but not from the element-wise one.
+    from kernel_checks import rel_err
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(300, 64, generator=gen, dtype=torch.float64)
+    lowp = ref.to(dtype) if dtype != torch.float32 else None  # torch at this precision: rounding only
+    ours = ref.to(dtype).clone()
+    ours[17] = (ref[17] * (1 + defect)).to(dtype)
+    yardstick = 2 * rel_err(lowp, ref) + 1e-4 if lowp is not None else 1e-5
+    assert rel_err(ours, ref) <= yardstick  # the norm-wise bound alone would pass it
+    with pytest.raises(AssertionError, match="an element is off"):
+        check_close("y", ours, ref, lowp)
+    check_close("y", ref.to(dtype), ref, lowp)  # the same tensor without the defect passes
