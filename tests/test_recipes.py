@@ -357,3 +357,22 @@ def test_linear_probe_features_are_the_eval_mode_ones():
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(probe(x), probe(x))
     assert torch.equal(probe(x), model.eval()(x))
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_model_matches_eager_on_either_backend(backend):
+    model = _model(TINY.replace(dropout=0.0)).set_backend(backend)
+    model.set_grad_checkpointing(True)
+    compiled = torch.compile(model, fullgraph=True)  # no graph break: the custom ops and checkpoint trace whole
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 3])
+    F.cross_entropy(compiled(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-6)
