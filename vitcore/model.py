@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import autobackend, ops
 from .config import ViTConfig
 from .layers import BackendOwner, LayerNorm, MlpBlock, MultiHeadAttention, recording_attention
 from .resnet import ResNetRoot
@@ -148,6 +148,11 @@ class VisionTransformer(nn.Module):
                 module.set_backend(backend)
         self.backend = backend
         return self
+
+    def backend_report(self) -> str:
+        """What the hot layers run on: per op the layers' backends and, for "auto", each shape class measured so
+        far with its choice and both timings (vitcore.autobackend)."""
+        return autobackend.backend_report(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> VisionTransformer:
         """Activation checkpointing per encoder block (each block owns the choice); returns self."""

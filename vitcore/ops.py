@@ -30,12 +30,14 @@ def check_backend(backend: str) -> None:
 def pick_backend(backend: str, op: str, *inputs: torch.Tensor) -> str:
     """The backend ("torch" or "triton") for one call of `op` ("attention", "layer_norm", "linear_gelu").
 
-    A forced backend is returned as it is (layers check the name when it is set); "auto" is triton when the
-    inputs are on CUDA, torch elsewhere.
+    A forced backend is returned as it is (layers check the name when it is set); "auto" is, on CUDA, the faster
+    of the two for this op and shape class, measured on first use and cached (vitcore.autobackend), torch elsewhere.
     """
     if backend != "auto":
         return backend
-    return "triton" if inputs[0].device.type == "cuda" else "torch"
+    from . import autobackend  # imported on first use: it reads the cache only when "auto" meets a tensor
+
+    return autobackend.choose(op, *inputs)
 
 
 def _autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
