@@ -81,7 +81,8 @@ class VisionTransformer(nn.Module):
     """ViT (or R50+ViT hybrid) classifier for (B, 3, img_size, img_size) images.
 
     backend: "torch" (plain PyTorch), "triton" (the fused kernels) or "auto" (resolved by each layer at forward
-    time: triton on CUDA, torch otherwise). Every layer owns its backend; `set_backend` switches them all.
+    time: on CUDA the faster of the two per op and shape, measured once and cached; torch otherwise; see
+    `backend_report`). Every layer owns its backend; `set_backend` switches them all.
     drop_path: stochastic-depth rate of the last block, rising linearly from 0 at the first (timm's rule);
     a training-only regulariser, so checkpoints do not record it.
     """

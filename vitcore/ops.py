@@ -35,7 +35,7 @@ def pick_backend(backend: str, op: str, *inputs: torch.Tensor) -> str:
     """
     if backend != "auto":
         return backend
-    from . import autobackend  # imported on first use: it reads the cache only when "auto" meets a tensor
+    from . import autobackend  # imported here because autobackend imports this module
 
     return autobackend.choose(op, *inputs)
 
