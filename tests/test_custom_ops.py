@@ -266,6 +266,31 @@ def test_opcheck_attention_needs(gen, trained):
     o, lse = torch.ops.vitcore.attention_fwd(q, k, v, 0.25)
     torch.library.opcheck(torch.ops.vitcore.attention_bwd.default, (do, q, k, v, o, lse, 0.25, list(trained)))
 
+
+def test_autotune_results_persist_where_triton_can(monkeypatch):
+    # kernels._common.autotune asks Triton (>= 3.4) to keep autotuning results on disk; an older Triton, whose
+    # triton.autotune has no cache_results, gets the call without it.
+    import triton
+
+    from kernels._common import autotune
+
+    seen = {}
+
+    def new_triton(configs, key, prune_configs_by=None, cache_results=False):
+        seen.update(cache_results=cache_results)
+        return lambda fn: fn
+
+    def old_triton(configs, key, prune_configs_by=None):
+        seen.update(called_old=True)
+        return lambda fn: fn
+
+    monkeypatch.setattr(triton, "autotune", new_triton)
+    autotune([], key=["M"])(None)
+    assert seen == {"cache_results": True}
+    monkeypatch.setattr(triton, "autotune", old_triton)
+    autotune([], key=["M"], prune_configs_by=None)(None)
+    assert seen == {"cache_results": True, "called_old": True}
+
 def _compile_for_sm90(verbose: bool = False) -> None:
     """Compile each kernel at its production launch parameters for sm_90 (no device needed). Must run without
     TRITON_INTERPRET, so tests call it in a subprocess."""
