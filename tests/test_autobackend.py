@@ -272,3 +272,24 @@ def test_auto_inside_torch_compile_is_torch_and_measures_nothing(tmp_path):
     finally:
         autobackend.set_default(previous)
     assert auto.timer.calls == [] and auto.rows() == []
+
+
+def test_measuring_inside_activation_checkpointing(tmp_path):
+    # The first forward measures inside a checkpointed block; the recompute in backward must still match it.
+    from kernel_checks import check_close
+
+    cfg = ViTConfig(patch_size=4, hidden_size=16, mlp_dim=24, num_heads=2, num_layers=2)
+    model = VisionTransformer(cfg, img_size=8, num_classes=3, backend="auto").set_grad_checkpointing(True)
+    ref = VisionTransformer(cfg, img_size=8, num_classes=3, backend="torch")
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    auto = make_auto(tmp_path)
+    previous = autobackend.set_default(auto)
+    try:
+        model(x).square().sum().backward()
+    finally:
+        autobackend.set_default(previous)
+    ref(x).square().sum().backward()
+    assert len(auto.timer.calls) == 6
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        check_close(name, p.grad, q.grad, tol=1e-4)

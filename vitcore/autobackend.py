@@ -198,6 +198,10 @@ def _runner(op: str, backend: str, inputs: Sequence[torch.Tensor]) -> Callable[[
     return run
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class AutoBackend:
     """The measured choices of one process. `timer`, `is_cuda` and `environment` are injectable (tests run the whole
     logic on CPU with a fake timer); `cache_dir` overrides $VITCORE_CACHE."""
@@ -252,7 +256,10 @@ class AutoBackend:
         timings: dict[str, float] = {}
         for backend in ("torch", "triton"):
             try:
-                timings[backend] = float(self.timer(_runner(op, backend, inputs), f"{op}/{backend}"))
+                # Plain saved tensors for the timed calls: the caller may be inside activation checkpointing,
+                # whose hooks would otherwise count these calls' tensors as the block's and fail its recompute.
+                with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+                    timings[backend] = float(self.timer(_runner(op, backend, inputs), f"{op}/{backend}"))
             except Exception as error:  # noqa: BLE001 - an unsupported shape or an OOM while measuring: torch
                 if backend == "torch":
                     raise
