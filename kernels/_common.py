@@ -200,7 +200,7 @@ class KernelOp:
         self.forward_op.register_fake(forward_fake)
         self.backward_op = torch.library.custom_op(f"vitcore::{name}_bwd", backward, mutates_args=())
         self.backward_op.register_fake(backward_fake)
-        self.forward_arity = len(self.forward_op._opoverload._schema.arguments)
+        self.forward_arity = len(inspect.signature(forward).parameters)  # the op schema's arguments
         self.function = _autograd_function(self)
 
     def __call__(self, *args: Any) -> torch.Tensor:
