@@ -231,6 +231,7 @@ def test_model_backend_report_and_summary_line(tmp_path):
     model = VisionTransformer(cfg, img_size=8, num_classes=3, backend="auto")
     auto = make_auto(tmp_path)
     assert "measured nothing" in autobackend.backend_report(model, auto)
+    assert autobackend.summary_line(model, auto).count("auto (nothing measured yet; torch off CUDA)") == 3
     previous = autobackend.set_default(auto)
     try:
         model(torch.randn(2, 3, 8, 8)).sum().backward()

@@ -431,7 +431,7 @@ def summary_line(model: nn.Module, auto: AutoBackend | None = None) -> str:
         if any(backend == "auto" for backend, _ in layers[op]):
             measured = [r for r in rows if r["op"] == op]
             if not measured:
-                parts.append(f"{op} auto (not measured: torch off CUDA)")
+                parts.append(f"{op} auto (nothing measured yet; torch off CUDA)")
             for r in measured:
                 s = _speedup(r)
                 shape = " ".join(_field(k, v) for k, v in r["shape"].items() if k not in ("dtype", "autocast"))
