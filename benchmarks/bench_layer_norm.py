@@ -2,7 +2,7 @@
 forward+backward.
 
     python -m benchmarks.bench_layer_norm            # ViT-B/L/H at 224 and 384 px, batch 64 and 256, bf16 and fp16
-    python -m benchmarks.bench_layer_norm --quick    # headline shape only: (256 * 197, 768) bf16
+    python -m benchmarks.bench_layer_norm --quick    # ViT-B/16 (256 * 197, 768) and ViT-H/14 (128 * 257, 1280), bf16
 
 Times are medians of triton.testing.do_bench. Bandwidth counts the bytes an ideal kernel must move (the same
 formula for every implementation, so GB/s ratios are time ratios):
@@ -33,7 +33,7 @@ MODELS = [
     ("ViT-H/14@384", 1280, 730),
 ]
 BATCHES = (64, 256)
-QUICK = [("ViT-B/16@224", 768, 197, 256)]
+QUICK = [("ViT-B/16@224", 768, 197, 256), ("ViT-H/14@224", 1280, 257, 128)]
 QUICK_DTYPES = [torch.bfloat16]
 MODES = ("fwd", "bwd", "fwd+bwd")
 DEVICE = "cuda"  # a module constant so a CPU smoke test of the script logic can swap it
@@ -58,7 +58,7 @@ def copy_bandwidth() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="headline shape only, bf16")
+    parser.add_argument("--quick", action="store_true", help="ViT-B/16@224 and ViT-H/14@224 only, bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     args = parser.parse_args()
     require_cuda("bench_layer_norm")

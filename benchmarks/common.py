@@ -55,8 +55,12 @@ def time_fwd_bwd(
     every call (e.g. q, k, v as views of one fused qkv tensor). One untimed forward+backward runs first, so
     compilation and autotuning stay out of the numbers.
     """
+    import torch._functorch.config as functorch_config  # `import torch` alone does not load it
     from triton.testing import do_bench
 
+    # The bwd timing replays one graph (retain_graph=True), which the donated buffers of a torch.compile'd fn
+    # forbid: without this, every compile baseline fails its first backward and is left out of the table.
+    functorch_config.donated_buffer = False
     leaves = list(inputs)
 
     def args() -> Sequence[torch.Tensor]:
