@@ -206,24 +206,19 @@ def test_a_tie_goes_to_torch(tmp_path):
 def test_auto_is_torch_off_cuda_and_forced_backends_stay_forced(tmp_path):
     timer = FakeTimer(times={})
     auto = AutoBackend(timer=timer, environment=lambda d: ENV, cache_dir=str(tmp_path))  # the real is_cuda
-    previous = autobackend.set_default(auto)
-    try:
+    with autobackend.using(auto):
         assert ops.pick_backend("auto", "layer_norm", *ln_inputs()) == "torch"
         assert ops.pick_backend("triton", "layer_norm", *ln_inputs()) == "triton"
         assert ops.pick_backend("torch", "attention", *attn_inputs()) == "torch"
-    finally:
-        autobackend.set_default(previous)
     assert timer.calls == [] and auto.rows() == []
 
 
 def test_pick_backend_asks_the_default_auto_backend(tmp_path):
-    previous = autobackend.set_default(make_auto(tmp_path))
-    try:
+    with autobackend.using(make_auto(tmp_path)) as auto:
         assert ops.pick_backend("auto", "linear_gelu", *lg_inputs()) == "torch"
         assert ops.pick_backend("auto", "attention", *attn_inputs()) == "triton"
         assert ops.pick_backend("torch", "attention", *attn_inputs()) == "torch"
-    finally:
-        autobackend.set_default(previous)
+    assert autobackend.default() is not auto  # the previous one is back
 
 
 def test_model_backend_report_and_summary_line(tmp_path):
@@ -232,12 +227,9 @@ def test_model_backend_report_and_summary_line(tmp_path):
     auto = make_auto(tmp_path)
     assert "measured nothing" in autobackend.backend_report(model, auto)
     assert autobackend.summary_line(model, auto).count("auto (nothing measured yet; torch off CUDA)") == 3
-    previous = autobackend.set_default(auto)
-    try:
+    with autobackend.using(auto):
         model(torch.randn(2, 3, 8, 8)).sum().backward()
         report = model.backend_report()
-    finally:
-        autobackend.set_default(previous)
     assert len(auto.timer.calls) == 6  # one shape class per op (the five LayerNorms share one)
     lines = report.splitlines()
     assert lines[:3] == ["attention: 2 layers (2 auto)", "layer_norm: 5 layers (5 auto)",
@@ -263,15 +255,12 @@ def test_model_backend_report_and_summary_line(tmp_path):
 def test_auto_inside_torch_compile_is_torch_and_measures_nothing(tmp_path):
     # The measurements are of eager calls; inside a trace, inductor fuses the torch ops itself.
     auto = make_auto(tmp_path)
-    previous = autobackend.set_default(auto)
-    try:
+    with autobackend.using(auto):
         fn = torch.compile(lambda x, w, b: ops.layer_norm(x, w, b, 1e-6, ops.pick_backend("auto", "layer_norm", x, w,
                                                                                           b)),
                            backend="aot_eager", fullgraph=True)
         x, w, b = ln_inputs()
         torch.testing.assert_close(fn(x, w, b), torch.nn.functional.layer_norm(x, (16,), w, b, 1e-6))
-    finally:
-        autobackend.set_default(previous)
     assert auto.timer.calls == [] and auto.rows() == []
 
 
@@ -285,11 +274,8 @@ def test_measuring_inside_activation_checkpointing(tmp_path):
     ref.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 8, 8)
     auto = make_auto(tmp_path)
-    previous = autobackend.set_default(auto)
-    try:
+    with autobackend.using(auto):
         model(x).square().sum().backward()
-    finally:
-        autobackend.set_default(previous)
     ref(x).square().sum().backward()
     assert len(auto.timer.calls) == 6
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):

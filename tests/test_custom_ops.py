@@ -114,42 +114,36 @@ def test_torch_compile_dynamic_shapes(gen):
         torch.testing.assert_close(fn(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_graph_calls_the_custom_ops(gen):
-    # Eager calls skip the op wrappers (Python overhead); under torch.compile the graph must hold the ops.
+def _compiled_graphs(fn, *args) -> list[str]:
+    """The graphs torch.compile (fullgraph) hands AOTAutograd's compilers for fn(*args) and its backward, as text."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
     torch._dynamo.reset()
     seen = []
 
-    def recording_backend(gm, example_inputs):
+    def record(gm, example_inputs):
         seen.append(gm.print_readable(print_output=False))
         return gm.forward
 
+    backend = lambda gm, inputs: aot_module_simplified(gm, inputs, fw_compiler=record, bw_compiler=record)
+    torch.compile(fn, backend=backend, fullgraph=True)(*args).backward()
+    return seen
+
+
+def test_compiled_graph_calls_the_custom_ops(gen):
+    # Eager calls skip the op wrappers (Python overhead); under torch.compile the graph must hold the ops.
     params = [_randn(2, 3, 32, gen=gen), _randn(32, gen=gen), _randn(32, gen=gen), _randn(48, 32, gen=gen),
               _randn(48, gen=gen)]  # fmt: skip
-    params = [p.requires_grad_() for p in params]
-    torch.compile(_mlp_block, backend=recording_backend, fullgraph=True)(*params).backward()
-    graph = "\n".join(seen)
+    graph = "\n".join(_compiled_graphs(_mlp_block, *(p.requires_grad_() for p in params)))
     for op in ("layer_norm_fwd", "layer_norm_bwd", "linear_gelu_fwd", "linear_gelu_bwd"):
         assert f"vitcore.{op}" in graph, f"{op} missing from the compiled graph"
 
 
 def test_compiled_backward_skips_frozen_weight_gradients(gen):
     # The compiled backward passes ctx.needs_input_grad into the ops: with frozen weights, [True, False, False].
-    torch._dynamo.reset()
-    seen = []
-
-    def recording_backend(gm, example_inputs):
-        seen.append(gm.print_readable(print_output=False))
-        return gm.forward
-
-    from torch._functorch.aot_autograd import aot_module_simplified
-
-    def aot_recording(gm, example_inputs):
-        return aot_module_simplified(gm, example_inputs, fw_compiler=recording_backend, bw_compiler=recording_backend)
-
     x = _randn(2, 3, 32, gen=gen).requires_grad_()
     params = [_randn(32, gen=gen), _randn(32, gen=gen), _randn(48, 32, gen=gen), _randn(48, gen=gen)]
-    torch.compile(_mlp_block, backend=aot_recording, fullgraph=True)(x, *params).backward()
-    backward_graph = seen[-1]
+    backward_graph = _compiled_graphs(_mlp_block, x, *params)[-1]
     for op in ("layer_norm_bwd", "linear_gelu_bwd"):
         calls = [line for line in backward_graph.splitlines() if f"vitcore.{op}" in line]
         assert calls and all("[True, False, False]" in line for line in calls), backward_graph

@@ -23,13 +23,14 @@ one line a training log prints.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import statistics
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -51,6 +52,7 @@ __all__ = [
     "default",
     "set_default",
     "summary_line",
+    "using",
 ]
 
 CACHE_ENV = "VITCORE_CACHE"
@@ -350,6 +352,16 @@ def set_default(auto: AutoBackend) -> AutoBackend:
     global _DEFAULT
     previous, _DEFAULT = _DEFAULT, auto
     return previous
+
+
+@contextlib.contextmanager
+def using(auto: AutoBackend) -> Iterator[AutoBackend]:
+    """`auto` as the process-wide AutoBackend inside the block (a separate cache folder, a test's fake timer)."""
+    previous = set_default(auto)
+    try:
+        yield auto
+    finally:
+        set_default(previous)
 
 
 def choose(op: str, *inputs: torch.Tensor) -> str:
