@@ -33,13 +33,14 @@ export PYTHONUNBUFFERED=1 BENCH_OUT="$TABLES" HYPOTHESIS_PROFILE=${HYPOTHESIS_PR
 export VITCORE_CACHE="$WORK/vitcore-cache"  # fresh: `auto` times its choices in this pass, and they are kept
 # Seconds per part (the two correctness parts run side by side); their sum plus ~15 s stays under TOTAL_BUDGET.
 TOTAL_BUDGET=${TOTAL_BUDGET:-470}
-TESTS_BUDGET=${TESTS_BUDGET:-120}
-FINETUNE_BUDGET=${FINETUNE_BUDGET:-120}
+TESTS_GPU_BUDGET=${TESTS_GPU_BUDGET:-50}    # } one after the other,
+TESTS_REST_BUDGET=${TESTS_REST_BUDGET:-60}  # } beside the fine-tune
+FINETUNE_BUDGET=${FINETUNE_BUDGET:-110}
 TRAIN_BUDGET=${TRAIN_BUDGET:-170}
-ATTENTION_BUDGET=${ATTENTION_BUDGET:-50}
+ATTENTION_BUDGET=${ATTENTION_BUDGET:-55}
 LAYER_NORM_BUDGET=${LAYER_NORM_BUDGET:-25}
 LINEAR_GELU_BUDGET=${LINEAR_GELU_BUDGET:-50}
-INPUT_BUDGET=${INPUT_BUDGET:-40}
+INPUT_BUDGET=${INPUT_BUDGET:-35}
 if [ "$DRY_RUN" = 1 ]; then
   BENCH="$PY -m benchmarks.dry_run benchmarks"  # CPU stand-ins, tiny shapes: the structure, not the speed
   export TRITON_INTERPRET=1
@@ -99,32 +100,35 @@ EOF
 cat "$OUT/env.txt"
 
 # -- correctness, side by side -----------------------------------------------------------------------------
-GPU_TESTS=${GPU_TESTS:-$(for f in tests/test_attention.py tests/test_layer_norm.py tests/test_linear_gelu.py \
-    tests/test_custom_ops.py tests/test_model_triton.py tests/test_autobackend.py \
-    $(grep -l "mark.gpu" tests/test_*.py); do [ -f "$f" ] && [ "$f" != tests/test_train_gpu.py ] && echo "$f"; done \
-    | awk '!seen[$0]++' | tr '\n' ' ')}
+# The kernels' and the model's test files, and any other file with GPU-marked tests (the fine-tune's run apart).
+GPU_TESTS=${GPU_TESTS:-$(for f in tests/test_attention*.py tests/test_layer_norm*.py tests/test_linear_gelu*.py \
+    tests/test_custom_ops.py tests/test_model_triton.py tests/test_autobackend*.py $(grep -l "mark.gpu" tests/test_*.py)
+    do [ -f "$f" ] && [ "$f" != tests/test_train_gpu.py ] && echo "$f"; done | awk '!seen[$0]++' | tr '\n' ' ')}
 FINETUNE_TESTS="tests/test_train_gpu.py::test_triton_loss_curve_matches_torch_over_200_steps
 tests/test_train_gpu.py::test_short_cuda_finetune_learns tests/test_train_gpu.py::test_augment_on_cuda_matches_cpu"
 echo "== correctness: tests (${GPU_TESTS}) and finetune, side by side"
 : > "$OUT/tests.log"; : > "$OUT/finetune.log"
+# -v: one line per test as it ends, so a run stopped at its cap still shows what passed and failed.
+PYTEST="$PY -m pytest -v -p no:cacheprovider -rfEs"
 if [ "$DRY_RUN" = 1 ]; then
   # No GPU: check the selections collect (imports, names), and run the loss-curve comparison's CPU form.
-  wants tests && run tests "$TESTS_BUDGET" "$OUT/tests.log" \
-    $PY -m pytest -q -p no:cacheprovider --collect-only $GPU_TESTS &
-  wants finetune && { run finetune "$FINETUNE_BUDGET" "$OUT/finetune.log" \
-    $PY -m pytest -q -p no:cacheprovider --collect-only $FINETUNE_TESTS
+  COLLECT="$PY -m pytest -q -p no:cacheprovider --collect-only"  # one node id a line
+  wants tests && { run tests-gpu "$TESTS_GPU_BUDGET" "$OUT/tests.log" $COLLECT -m gpu $GPU_TESTS
+    run tests-rest "$TESTS_REST_BUDGET" "$OUT/tests.log" $COLLECT -m "not gpu" $GPU_TESTS; } &
+  wants finetune && { run finetune "$FINETUNE_BUDGET" "$OUT/finetune.log" $COLLECT $FINETUNE_TESTS
     run finetune-curves "$FINETUNE_BUDGET" "$OUT/finetune.log" \
       env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" $PY tests/test_train_gpu.py --dry-run; } &
 else
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")  # Triton compiles dominate: 4 processes share them
-  wants tests && run tests "$TESTS_BUDGET" "$OUT/tests.log" \
-    $PY -m pytest -q -p no:cacheprovider -rfEs --durations=10 $XDIST $GPU_TESTS &
-  wants finetune && run finetune "$FINETUNE_BUDGET" "$OUT/finetune.log" \
-    $PY -m pytest -q -p no:cacheprovider -rfEs --durations=5 $FINETUNE_TESTS &
+  # The GPU-marked checks first (bf16 kernels vs float64, the bf16 model triton vs torch), then the rest of the
+  # kernel and `auto` tests, which run on CUDA too when it is there.
+  wants tests && { run tests-gpu "$TESTS_GPU_BUDGET" "$OUT/tests.log" $PYTEST --durations=5 $XDIST -m gpu $GPU_TESTS
+    run tests-rest "$TESTS_REST_BUDGET" "$OUT/tests.log" $PYTEST --durations=10 $XDIST -m "not gpu" $GPU_TESTS; } &
+  wants finetune && run finetune "$FINETUNE_BUDGET" "$OUT/finetune.log" $PYTEST --durations=5 $FINETUNE_TESTS &
 fi
 wait
-wants tests && tail -4 "$OUT/tests.log"
-wants finetune && tail -3 "$OUT/finetune.log"
+wants tests && grep -E "^=+ .* in [0-9.]+s" "$OUT/tests.log"
+wants finetune && grep -E "^=+ .* in [0-9.]+s" "$OUT/finetune.log"
 
 # -- timed parts, one at a time ------------------------------------------------------------------------------
 : > "$OUT/bench.log"

@@ -70,6 +70,31 @@ def _by_shape(rows: Sequence[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def _log_sections(text: str) -> dict[str, str]:
+    """A log of several parts (gpu_check.sh's `-- NAME (cap Ns, ...)` lines open each) split per part."""
+    parts = re.split(r"^-- ([\w-]+) \(cap ", text, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def _pytest_result(text: str) -> str:
+    """pytest's closing line ('12 passed, 1 skipped in 30.1s'); for a run stopped early, the outcomes so far."""
+    finals = [ln.strip("= ") for ln in text.splitlines() if re.match(r"^=+ .* in [\d.]+s", ln)
+              or re.match(r"^\d+(/\d+)? tests? collected", ln)]
+    if finals:
+        return finals[-1]
+    verbose = [ln for ln in text.splitlines() if "::" in ln and not ln.startswith(("FAILED ", "ERROR "))]
+    counts = {}
+    for ln in verbose:
+        m = re.search(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", ln)
+        if m:
+            counts[m.group(1).lower()] = counts.get(m.group(1).lower(), 0) + 1
+    if not text.strip():
+        return "not run"
+    done = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no test finished"
+    stopped = "stopped at its time cap" if "stopped at its" in text else "no closing line"
+    return f"{stopped}: {done} (see the log)"
+
+
 def _x(v) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
@@ -137,17 +162,18 @@ class Summary:
                   f"({self.env.get('device', '?')}, {self.env.get('date', '?')})")
 
     def tests(self) -> None:
-        self.section("1. GPU tests (quick `ci` hypothesis profile)", "tests")
+        self.section("1. GPU tests (quick `ci` hypothesis profile)", "tests-gpu", "tests-rest")
         path = os.path.join(self.out, "tests.log")
         text = open(path).read() if os.path.exists(path) else ""
-        finals = [ln.strip("= ") for ln in text.splitlines()
-                  if re.search(r"\b(passed|failed|error|errors|collected|skipped|no tests ran)\b", ln)
-                  and re.search(r"\bin [\d.]+s\b", ln)]
-        self.emit(f"pytest: {finals[-1] if finals else 'no result line (see tests.log)'}")
-        files = re.findall(r"^-- tests .*?: .*?(tests/\S+\.py(?: tests/\S+\.py)*)", text, flags=re.M)
+        what = {"tests-gpu": "GPU-marked (bf16 kernels vs float64, bf16 model triton vs torch)",
+                "tests-rest": "the rest of the kernel, model and `auto` tests, on CUDA"}
+        sections = _log_sections(text)
+        for name, title in what.items():
+            self.emit(f"- {title}: {_pytest_result(sections.get(name, ''))}")
+        files = re.search(r"^-- tests-gpu \(cap .*?: .*? -m gpu (.*)$", text, flags=re.M)
         if files:
-            self.emit(f"files: {files[0]}")
-        problems = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR", "SKIPPED"))]
+            self.emit(f"- files: {files.group(1)}")
+        problems = [ln for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR ", "SKIPPED "))]
         if problems:
             self.emit("", "```", *problems[:30], "```")
 
@@ -275,11 +301,11 @@ class Summary:
         else:
             self.emit("No loss-curve table (the test did not reach it; see finetune.log).")
         path = os.path.join(self.out, "finetune.log")
-        if os.path.exists(path):
-            finals = [ln.strip("= ") for ln in open(path).read().splitlines() if re.search(r"\bin [\d.]+s\b", ln)
-                      and re.search(r"\b(passed|failed|error|collected|skipped)\b", ln)]
-            if finals:
-                self.emit(f"pytest tests/test_train_gpu.py: {finals[-1]}")
+        text = open(path).read() if os.path.exists(path) else ""
+        self.emit(f"pytest tests/test_train_gpu.py: {_pytest_result(_log_sections(text).get('finetune', ''))}")
+        problems = [ln for ln in text.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+        if problems:
+            self.emit("", "```", *problems[:10], "```")
 
     def input_pipeline(self) -> None:
         self.section("5. Input pipeline", "input")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -56,8 +57,8 @@ def test_dry_pass_exits_0_with_at_most_8_files(dry_pass):
 def test_every_part_ran_inside_its_cap(dry_pass):
     _, _, tables = dry_pass
     parts = {r["part"]: r for r in _rows(tables, "parts.csv")}
-    assert set(parts) == {"tests", "finetune", "finetune-curves", "train", "attention", "layer_norm",
-                          "linear_gelu", "input"}, parts
+    assert set(parts) == {"tests-gpu", "tests-rest", "finetune", "finetune-curves", "train", "attention",
+                          "layer_norm", "linear_gelu", "input"}, parts
     assert all(r["rc"] == "0" for r in parts.values()), parts
 
 
@@ -71,10 +72,12 @@ def test_env_header_names_the_versions_and_says_dry_run(dry_pass):
 def test_gpu_test_selection_collects(dry_pass):
     _, out, _ = dry_pass
     log = (out / "tests.log").read_text()
-    final = [ln for ln in log.splitlines() if "collected in" in ln]
-    assert final and "error" not in final[-1] and "ERROR collecting" not in log, log[-2000:]
-    for f in ("test_attention.py", "test_layer_norm.py", "test_linear_gelu.py", "test_model_triton.py"):
-        assert f in log
+    finals = re.findall(r"^(\d+)/\d+ tests collected \(\d+ deselected\) in .*$", log, flags=re.M)
+    assert len(finals) == 2 and "error" not in log.split("collected")[-1] and "ERROR collecting" not in log, log
+    assert all(int(n) > 0 for n in finals), finals  # both selections, GPU-marked and the rest, hold tests
+    for f in ("test_attention.py", "test_layer_norm.py", "test_linear_gelu.py", "test_model_triton.py",
+              "test_autobackend.py"):
+        assert f"{f}::" in log, f
     assert "test_train_gpu.py::test_triton_loss_curve_matches_torch_over_200_steps" in \
         (out / "finetune.log").read_text()
 
