@@ -10,8 +10,10 @@ gradients are deterministic.
 q, k, v may be any strided views (typically slices of one fused qkv projection); every stride is
 passed to the kernels instead of copying. Sequence lengths need not be block multiples (ViT's 50,
 197, 257, 577): the last key block is masked with -inf, the last query block's rows are masked on
-load and store. head_dim <= 128 is padded to a power of two (>= 16, the smallest tl.dot operand)
-with masks, e.g. 80 -> 128.
+load and store. head_dim <= 128 is not padded to a power of two: it is split into up to three
+power-of-two column parts (_head_dim_parts: 80 = 64 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16), and each
+dot over the head dimension is a sum of one tl.dot per part, so the tensor cores do no work on padding
+(only a head_dim that is not a multiple of 16 pads, to the next multiple, with masks).
 
 Layout of the file: kernels, block-size choice, host functions that launch, the torch.library
 custom ops `vitcore::attention_fwd` / `vitcore::attention_bwd` with fake impls (what torch.compile
@@ -63,49 +65,145 @@ def _program_head_block(N, BLOCK: tl.constexpr, H):
 
 
 @triton.jit
-def _tile_ptrs(BASE, b, h, rows, offs_d, stride_b, stride_h, stride_r, stride_d):
-    """(len(rows), BLOCK_D) pointers to rows `rows` of head (b, h) of a (B, H, N, HEAD_DIM) strided tensor."""
-    return BASE + b * stride_b + h * stride_h + rows[:, None] * stride_r + offs_d[None, :] * stride_d
+def _head(BASE, b, h, stride_b, stride_h):
+    """Pointer to head (b, h) of a (B, H, N, HEAD_DIM) strided tensor."""
+    return BASE + b * stride_b + h * stride_h
+
+
+# A head's rows are handled as up to three column parts of power-of-two widths D0 >= D1 >= D2 (D1, D2 = 0 when
+# absent; see _head_dim_parts): a (rows, HEAD_DIM) tile is the tuple (t0, t1, t2), and an absent part's slot holds
+# t0 again, a placeholder that is never read (constexpr branches skip it, so it costs nothing).
+
+
+@triton.jit
+def _part_offsets(rows, row_ok, stride_r, stride_d, COL0: tl.constexpr, WIDTH: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+    """(len(rows), WIDTH) element offsets of columns COL0 .. COL0 + WIDTH of rows `rows`, and their mask: row_ok
+    ((rows, 1): loads and stores broadcast it), and the columns past HEAD_DIM only in a last part that overhangs it
+    (a head_dim that is not a multiple of 16); elsewhere the columns need no mask at all."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    mask = row_ok[:, None]
+    if COL0 + WIDTH > HEAD_DIM:
+        mask = mask & (cols < HEAD_DIM)[None, :]
+    return rows[:, None] * stride_r + cols[None, :] * stride_d, mask
+
+
+@triton.jit
+def _load_parts(HEAD, rows, row_ok, stride_r, stride_d, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                D1: tl.constexpr, D2: tl.constexpr):
+    """The head-dim parts (t0, t1, t2) of rows `rows` of one head, in its dtype; masked elements read 0."""
+    offs, mask = _part_offsets(rows, row_ok, stride_r, stride_d, 0, D0, HEAD_DIM)
+    t0 = tl.load(HEAD + offs, mask=mask, other=0.0)
+    t1 = t0
+    t2 = t0
+    if D1 > 0:
+        offs, mask = _part_offsets(rows, row_ok, stride_r, stride_d, D0, D1, HEAD_DIM)
+        t1 = tl.load(HEAD + offs, mask=mask, other=0.0)
+    if D2 > 0:
+        offs, mask = _part_offsets(rows, row_ok, stride_r, stride_d, D0 + D1, D2, HEAD_DIM)
+        t2 = tl.load(HEAD + offs, mask=mask, other=0.0)
+    return t0, t1, t2
+
+
+@triton.jit
+def _store_parts(HEAD, rows, row_ok, stride_r, stride_d, t0, t1, t2, HEAD_DIM: tl.constexpr, D0: tl.constexpr,
+                 D1: tl.constexpr, D2: tl.constexpr):
+    """Store the parts of rows `rows` of one head, cast to its dtype."""
+    offs, mask = _part_offsets(rows, row_ok, stride_r, stride_d, 0, D0, HEAD_DIM)
+    tl.store(HEAD + offs, t0.to(HEAD.dtype.element_ty), mask=mask)
+    if D1 > 0:
+        offs, mask = _part_offsets(rows, row_ok, stride_r, stride_d, D0, D1, HEAD_DIM)
+        tl.store(HEAD + offs, t1.to(HEAD.dtype.element_ty), mask=mask)
+    if D2 > 0:
+        offs, mask = _part_offsets(rows, row_ok, stride_r, stride_d, D0 + D1, D2, HEAD_DIM)
+        tl.store(HEAD + offs, t2.to(HEAD.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _zero_parts(ROWS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+    """fp32 accumulators (ROWS, D0), (ROWS, D1), (ROWS, D2)."""
+    z0 = tl.zeros([ROWS, D0], dtype=tl.float32)
+    z1 = z0
+    z2 = z0
+    if D1 > 0:
+        z1 = tl.zeros([ROWS, D1], dtype=tl.float32)
+    if D2 > 0:
+        z2 = tl.zeros([ROWS, D2], dtype=tl.float32)
+    return z0, z1, z2
+
+
+@triton.jit
+def _scale_parts(t0, t1, t2, s, D1: tl.constexpr, D2: tl.constexpr):
+    """Each part times s (a scalar, or a (rows, 1) column)."""
+    t0 = t0 * s
+    if D1 > 0:
+        t1 = t1 * s
+    if D2 > 0:
+        t2 = t2 * s
+    return t0, t1, t2
+
+
+@triton.jit
+def _dot_nt(a0, a1, a2, b0, b1, b2, D1: tl.constexpr, D2: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b^T in fp32 for a (rows_a, head_dim) and b (rows_b, head_dim): the sum of one dot per part."""
+    acc = tl.dot(a0, tl.trans(b0), input_precision=DOT_PRECISION)
+    if D1 > 0:
+        acc = tl.dot(a1, tl.trans(b1), acc, input_precision=DOT_PRECISION)
+    if D2 > 0:
+        acc = tl.dot(a2, tl.trans(b2), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _dot_parts(p, b0, b1, b2, acc0, acc1, acc2, D1: tl.constexpr, D2: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + p @ b, part by part, for p (rows, K) and b (K, head_dim)."""
+    acc0 = tl.dot(p, b0, acc0, input_precision=DOT_PRECISION)
+    if D1 > 0:
+        acc1 = tl.dot(p, b1, acc1, input_precision=DOT_PRECISION)
+    if D2 > 0:
+        acc2 = tl.dot(p, b2, acc2, input_precision=DOT_PRECISION)
+    return acc0, acc1, acc2
 
 
 @triton.jit
 def _fwd_inner(
-    acc,  # (BLOCK_M, BLOCK_D) fp32 running numerator
+    acc0, acc1, acc2,  # (BLOCK_M, D0 | D1 | D2) fp32 running numerator, by head-dim part
     l_i,  # (BLOCK_M,) fp32 running denominator
     m_i,  # (BLOCK_M,) fp32 running row max, log2 units
-    q,  # (BLOCK_M, BLOCK_D) query block, input dtype
-    k_ptrs,  # (BLOCK_N, BLOCK_D) pointers to the first key block
-    v_ptrs,  # (BLOCK_N, BLOCK_D) pointers to the first value block
-    stride_kn,
-    stride_vn,
+    q0, q1, q2,  # (BLOCK_M, D0 | D1 | D2) query block, input dtype
+    K_HEAD,  # this head of K
+    V_HEAD,  # this head of V
+    stride_kn, stride_kd,
+    stride_vn, stride_vd,
     start,  # first key row of this loop
     end,  # one past the last key row of this loop
     N_KV,
     offs_n,  # (BLOCK_N,) arange
-    d_mask,  # (BLOCK_D,) head_dim padding mask
     qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_KV: tl.constexpr,  # only the last, partial key block pays for the -inf masking
     DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         kv_rows = start_n + offs_n
-        kv_mask = (kv_rows < N_KV)[:, None] & d_mask[None, :]
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        kv_ok = kv_rows < N_KV
+        k0, k1, k2 = _load_parts(K_HEAD, kv_rows, kv_ok, stride_kn, stride_kd, HEAD_DIM, D0, D1, D2)
+        qk = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASK_KV:
             # Every block this loop visits holds at least one real key, so the row max stays
             # finite and exp2(-inf - m) is a clean 0 (never -inf - -inf = NaN).
-            qk = tl.where((kv_rows < N_KV)[None, :], qk, float("-inf"))
+            qk = tl.where(kv_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)  # 0 on the first block, where m_i = -inf
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        v0, v1, v2 = _load_parts(V_HEAD, kv_rows, kv_ok, stride_vn, stride_vd, HEAD_DIM, D0, D1, D2)
+        acc0, acc1, acc2 = _scale_parts(acc0, acc1, acc2, alpha[:, None], D1, D2)
+        acc0, acc1, acc2 = _dot_parts(p.to(v0.dtype), v0, v1, v2, acc0, acc1, acc2, D1, D2, DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc0, acc1, acc2, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV", "LEN_BUCKET"])
@@ -119,42 +217,45 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_KV, HEAD_DIM,
+    H, N_Q, N_KV,
+    HEAD_DIM: tl.constexpr,
     qk_scale,  # scale * log2(e), folded so the softmax runs on exp2
     LEN_BUCKET,  # unused in the body: the autotuner's cache key (power-of-two length class)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM, >= 16
+    D0: tl.constexpr,  # head-dim parts: powers of two >= 16, D0 >= D1 >= D2, 0 when absent (_head_dim_parts)
+    D1: tl.constexpr,
+    D2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact fp32 products), else "tf32" (unused)
 ):
     pid_bh, pid_m, b, h = _program_head_block(N_Q, BLOCK_M, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N_Q
-    d_mask = offs_d < HEAD_DIM
+    m_ok = offs_m < N_Q
 
-    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # padded rows score 0, finite
-    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    q_head = _head(Q, b, h, stride_qb, stride_qh)
+    q0, q1, q2 = _load_parts(q_head, offs_m, m_ok, stride_qm, stride_qd, HEAD_DIM, D0, D1, D2)  # padded rows: 0
+    k_head = _head(K, b, h, stride_kb, stride_kh)
+    v_head = _head(V, b, h, stride_vb, stride_vh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc0, acc1, acc2 = _zero_parts(BLOCK_M, D0, D1, D2)
 
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, n_full, N_KV,
-                               offs_n, d_mask, qk_scale, BLOCK_N, False, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, n_full, N_KV, N_KV,
-                               offs_n, d_mask, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    acc0, acc1, acc2, l_i, m_i = _fwd_inner(
+        acc0, acc1, acc2, l_i, m_i, q0, q1, q2, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        0, n_full, N_KV, offs_n, qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_N, False, DOT_PRECISION)
+    acc0, acc1, acc2, l_i, m_i = _fwd_inner(
+        acc0, acc1, acc2, l_i, m_i, q0, q1, q2, k_head, v_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        n_full, N_KV, N_KV, offs_n, qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_N, True, DOT_PRECISION)
 
-    o = acc / l_i[:, None]
-    o_ptrs = _tile_ptrs(OUT, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, stride_od)
-    tl.store(o_ptrs, o.to(OUT.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    acc0, acc1, acc2 = _scale_parts(acc0, acc1, acc2, 1.0 / l_i[:, None], D1, D2)
+    _store_parts(_head(OUT, b, h, stride_ob, stride_oh), offs_m, m_ok, stride_om, stride_od, acc0, acc1, acc2,
+                 HEAD_DIM, D0, D1, D2)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log for the saved tensor
-    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_mask)
+    tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
 
 @triton.jit(do_not_specialize=["N_Q"])
@@ -164,62 +265,69 @@ def _attn_bwd_delta_kernel(
     DELTA,  # (B, H, N_Q) fp32 output, contiguous: rowsum(dO * O)
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, N_Q, HEAD_DIM,
+    H, N_Q,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    D0: tl.constexpr,  # head-dim parts, as in the forward
+    D1: tl.constexpr,
+    D2: tl.constexpr,
 ):
     pid_bh, pid_m, b, h = _program_head_block(N_Q, BLOCK_M, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N_Q
-    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(_tile_ptrs(OUT, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, stride_od),
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod),
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=m_mask)
+    m_ok = offs_m < N_Q
+    o0, o1, o2 = _load_parts(_head(OUT, b, h, stride_ob, stride_oh), offs_m, m_ok, stride_om, stride_od,
+                             HEAD_DIM, D0, D1, D2)
+    do0, do1, do2 = _load_parts(_head(DO, b, h, stride_dob, stride_doh), offs_m, m_ok, stride_dom, stride_dod,
+                                HEAD_DIM, D0, D1, D2)
+    delta = tl.sum(o0.to(tl.float32) * do0.to(tl.float32), 1)
+    if D1 > 0:
+        delta += tl.sum(o1.to(tl.float32) * do1.to(tl.float32), 1)
+    if D2 > 0:
+        delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
 
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk,  # (BLOCK_N, BLOCK_D) fp32 accumulator
-    dv,  # (BLOCK_N, BLOCK_D) fp32 accumulator
-    k,  # (BLOCK_N, BLOCK_D) resident key block
-    v,  # (BLOCK_N, BLOCK_D) resident value block
-    q_ptrs,  # (BLOCK_M, BLOCK_D) pointers to the first query block
-    do_ptrs,  # (BLOCK_M, BLOCK_D) pointers to the first upstream-gradient block
+    dk0, dk1, dk2,  # (BLOCK_N, D0 | D1 | D2) fp32 accumulators, by head-dim part
+    dv0, dv1, dv2,  # (BLOCK_N, D0 | D1 | D2) fp32 accumulators
+    k0, k1, k2,  # (BLOCK_N, D0 | D1 | D2) resident key block
+    v0, v1, v2,  # (BLOCK_N, D0 | D1 | D2) resident value block
+    Q_HEAD,  # this head of Q
+    DO_HEAD,  # this head of dO
     lse_ptrs,  # (BLOCK_M,) pointers into LSE
     delta_ptrs,  # (BLOCK_M,) pointers into DELTA
-    stride_qm,
-    stride_dom,
+    stride_qm, stride_qd,
+    stride_dom, stride_dod,
     start,
     end,
     N_Q,
     offs_m,  # (BLOCK_M,) arange
-    d_mask,  # (BLOCK_D,)
     qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     MASK_Q: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        r_mask = rows < N_Q
-        q = tl.load(q_ptrs + start_m * stride_qm, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-        lse = tl.load(lse_ptrs + start_m, mask=r_mask, other=0.0) * 1.4426950408889634  # log2 units
+        r_ok = rows < N_Q
+        q0, q1, q2 = _load_parts(Q_HEAD, rows, r_ok, stride_qm, stride_qd, HEAD_DIM, D0, D1, D2)
+        lse = tl.load(lse_ptrs + start_m, mask=r_ok, other=0.0) * 1.4426950408889634  # log2 units
         # Scores transposed, (BLOCK_N, BLOCK_M): keeps k resident as the left operand and lets the
         # probabilities feed dV = P^T dO without a register transpose.
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        qk_t = _dot_nt(k0, k1, k2, q0, q1, q2, D1, D2, DOT_PRECISION) * qk_scale
         p_t = tl.math.exp2(qk_t - lse[None, :])
         if MASK_Q:
-            p_t = tl.where(r_mask[None, :], p_t, 0.0)
-        do = tl.load(do_ptrs + start_m * stride_dom, mask=r_mask[:, None] & d_mask[None, :], other=0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        delta = tl.load(delta_ptrs + start_m, mask=r_mask, other=0.0)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            p_t = tl.where(r_ok[None, :], p_t, 0.0)
+        do0, do1, do2 = _load_parts(DO_HEAD, rows, r_ok, stride_dom, stride_dod, HEAD_DIM, D0, D1, D2)
+        dv0, dv1, dv2 = _dot_parts(p_t.to(do0.dtype), do0, do1, do2, dv0, dv1, dv2, D1, D2, DOT_PRECISION)
+        delta = tl.load(delta_ptrs + start_m, mask=r_ok, other=0.0)
+        dp_t = _dot_nt(v0, v1, v2, do0, do1, do2, D1, D2, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    return dk, dv
+        dk0, dk1, dk2 = _dot_parts(ds_t.to(q0.dtype), q0, q1, q2, dk0, dk1, dk2, D1, D2, DOT_PRECISION)
+    return dk0, dk1, dk2, dv0, dv1, dv2
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV", "LEN_BUCKET"])
@@ -238,85 +346,91 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N_Q, N_KV, HEAD_DIM,
+    H, N_Q, N_KV,
+    HEAD_DIM: tl.constexpr,
     scale,  # softmax scale (natural units), applied once to dK at the end
     qk_scale,  # scale * log2(e)
     LEN_BUCKET,  # unused in the body: the autotuner's cache key
     BLOCK_M: tl.constexpr,  # query rows per inner step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
-    BLOCK_D: tl.constexpr,
+    D0: tl.constexpr,  # head-dim parts, as in the forward
+    D1: tl.constexpr,
+    D2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_bh, pid_n, b, h = _program_head_block(N_KV, BLOCK_N, H)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_mask = offs_n < N_KV
-    d_mask = offs_d < HEAD_DIM
-    kv_mask = n_mask[:, None] & d_mask[None, :]
+    n_ok = offs_n < N_KV
 
     # Padded key rows load as 0 and score exp2(-lse), which may even overflow the 16-bit cast: each
     # only feeds its own dK/dV row, and those rows are never stored.
-    k = tl.load(_tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd),
-                mask=kv_mask, other=0.0)
-    v = tl.load(_tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd),
-                mask=kv_mask, other=0.0)
-    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
-    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod)
+    k0, k1, k2 = _load_parts(_head(K, b, h, stride_kb, stride_kh), offs_n, n_ok, stride_kn, stride_kd,
+                             HEAD_DIM, D0, D1, D2)
+    v0, v1, v2 = _load_parts(_head(V, b, h, stride_vb, stride_vh), offs_n, n_ok, stride_vn, stride_vd,
+                             HEAD_DIM, D0, D1, D2)
+    q_head = _head(Q, b, h, stride_qb, stride_qh)
+    do_head = _head(DO, b, h, stride_dob, stride_doh)
     lse_ptrs = LSE + pid_bh.to(tl.int64) * N_Q + offs_m
     delta_ptrs = DELTA + pid_bh.to(tl.int64) * N_Q + offs_m
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk0, dk1, dk2 = _zero_parts(BLOCK_N, D0, D1, D2)
+    dv0, dv1, dv2 = _zero_parts(BLOCK_N, D0, D1, D2)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
-                             0, m_full, N_Q, offs_m, d_mask, qk_scale, BLOCK_M, False, DOT_PRECISION)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom,
-                             m_full, N_Q, N_Q, offs_m, d_mask, qk_scale, BLOCK_M, True, DOT_PRECISION)
-    dk = dk * scale  # dS = P * (dP - delta) is w.r.t. the scaled scores; the chain rule adds `scale`
+    dk0, dk1, dk2, dv0, dv1, dv2 = _bwd_dkdv_inner(
+        dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, q_head, do_head, lse_ptrs, delta_ptrs,
+        stride_qm, stride_qd, stride_dom, stride_dod, 0, m_full, N_Q, offs_m, qk_scale,
+        HEAD_DIM, D0, D1, D2, BLOCK_M, False, DOT_PRECISION)
+    dk0, dk1, dk2, dv0, dv1, dv2 = _bwd_dkdv_inner(
+        dk0, dk1, dk2, dv0, dv1, dv2, k0, k1, k2, v0, v1, v2, q_head, do_head, lse_ptrs, delta_ptrs,
+        stride_qm, stride_qd, stride_dom, stride_dod, m_full, N_Q, N_Q, offs_m, qk_scale,
+        HEAD_DIM, D0, D1, D2, BLOCK_M, True, DOT_PRECISION)
+    # dS = P * (dP - delta) is w.r.t. the scaled scores; the chain rule adds `scale`
+    dk0, dk1, dk2 = _scale_parts(dk0, dk1, dk2, scale, D1, D2)
 
-    tl.store(_tile_ptrs(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd),
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(_tile_ptrs(DV, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd),
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_parts(_head(DK, b, h, stride_dkb, stride_dkh), offs_n, n_ok, stride_dkn, stride_dkd, dk0, dk1, dk2,
+                 HEAD_DIM, D0, D1, D2)
+    _store_parts(_head(DV, b, h, stride_dvb, stride_dvh), offs_n, n_ok, stride_dvn, stride_dvd, dv0, dv1, dv2,
+                 HEAD_DIM, D0, D1, D2)
 
 
 @triton.jit
 def _bwd_dq_inner(
-    dq,  # (BLOCK_M, BLOCK_D) fp32 accumulator
-    q,  # (BLOCK_M, BLOCK_D) resident query block
-    do,  # (BLOCK_M, BLOCK_D) resident upstream-gradient block
+    dq0, dq1, dq2,  # (BLOCK_M, D0 | D1 | D2) fp32 accumulator, by head-dim part
+    q0, q1, q2,  # (BLOCK_M, D0 | D1 | D2) resident query block
+    do0, do1, do2,  # (BLOCK_M, D0 | D1 | D2) resident upstream-gradient block
     lse,  # (BLOCK_M,) fp32, log2 units
     delta,  # (BLOCK_M,) fp32
-    k_ptrs,  # (BLOCK_N, BLOCK_D) pointers to the first key block
-    v_ptrs,  # (BLOCK_N, BLOCK_D) pointers to the first value block
-    stride_kn,
-    stride_vn,
+    K_HEAD,  # this head of K
+    V_HEAD,  # this head of V
+    stride_kn, stride_kd,
+    stride_vn, stride_vd,
     start,
     end,
     N_KV,
     offs_n,  # (BLOCK_N,) arange
-    d_mask,  # (BLOCK_D,)
     qk_scale,
+    HEAD_DIM: tl.constexpr,
+    D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        kv_mask = (cols < N_KV)[:, None] & d_mask[None, :]
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        kv_ok = cols < N_KV
+        k0, k1, k2 = _load_parts(K_HEAD, cols, kv_ok, stride_kn, stride_kd, HEAD_DIM, D0, D1, D2)
+        v0, v1, v2 = _load_parts(V_HEAD, cols, kv_ok, stride_vn, stride_vd, HEAD_DIM, D0, D1, D2)
+        qk = _dot_nt(q0, q1, q2, k0, k1, k2, D1, D2, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(qk - lse[:, None])
         if MASK_KV:
             # A padded key loads as 0 and would score exp2(-lse) > 0: zero it explicitly.
-            p = tl.where((cols < N_KV)[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            p = tl.where(kv_ok[None, :], p, 0.0)
+        dp = _dot_nt(do0, do1, do2, v0, v1, v2, D1, D2, DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        dq0, dq1, dq2 = _dot_parts(ds.to(k0.dtype), k0, k1, k2, dq0, dq1, dq2, D1, D2, DOT_PRECISION)
+    return dq0, dq1, dq2
 
 
 @triton.jit(do_not_specialize=["N_Q", "N_KV", "LEN_BUCKET"])
@@ -333,49 +447,53 @@ def _attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_KV, HEAD_DIM,
+    H, N_Q, N_KV,
+    HEAD_DIM: tl.constexpr,
     scale,  # softmax scale (natural units), applied once to dQ at the end
     qk_scale,  # scale * log2(e)
     LEN_BUCKET,  # unused in the body: the autotuner's cache key
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per inner step
-    BLOCK_D: tl.constexpr,
+    D0: tl.constexpr,  # head-dim parts, as in the forward
+    D1: tl.constexpr,
+    D2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_bh, pid_m, b, h = _program_head_block(N_Q, BLOCK_M, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < N_Q
-    d_mask = offs_d < HEAD_DIM
-    qm_mask = m_mask[:, None] & d_mask[None, :]
+    m_ok = offs_m < N_Q
 
-    q = tl.load(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd),
-                mask=qm_mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_dom, stride_dod),
-                 mask=qm_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_mask, other=0.0)
-    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    q0, q1, q2 = _load_parts(_head(Q, b, h, stride_qb, stride_qh), offs_m, m_ok, stride_qm, stride_qd,
+                             HEAD_DIM, D0, D1, D2)
+    do0, do1, do2 = _load_parts(_head(DO, b, h, stride_dob, stride_doh), offs_m, m_ok, stride_dom, stride_dod,
+                                HEAD_DIM, D0, D1, D2)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, mask=m_ok, other=0.0)
+    k_head = _head(K, b, h, stride_kb, stride_kh)
+    v_head = _head(V, b, h, stride_vb, stride_vh)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq0, dq1, dq2 = _zero_parts(BLOCK_M, D0, D1, D2)
     n_full = (N_KV // BLOCK_N) * BLOCK_N
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, 0, n_full, N_KV,
-                       offs_n, d_mask, qk_scale, BLOCK_N, False, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn, n_full, N_KV, N_KV,
-                       offs_n, d_mask, qk_scale, BLOCK_N, True, DOT_PRECISION)
-    dq = dq * scale
-    tl.store(_tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqm, stride_dqd),
-             dq.to(DQ.dtype.element_ty), mask=qm_mask)
+    dq0, dq1, dq2 = _bwd_dq_inner(
+        dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse, delta, k_head, v_head, stride_kn, stride_kd,
+        stride_vn, stride_vd, 0, n_full, N_KV, offs_n, qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_N, False,
+        DOT_PRECISION)
+    dq0, dq1, dq2 = _bwd_dq_inner(
+        dq0, dq1, dq2, q0, q1, q2, do0, do1, do2, lse, delta, k_head, v_head, stride_kn, stride_kd,
+        stride_vn, stride_vd, n_full, N_KV, N_KV, offs_n, qk_scale, HEAD_DIM, D0, D1, D2, BLOCK_N, True,
+        DOT_PRECISION)
+    dq0, dq1, dq2 = _scale_parts(dq0, dq1, dq2, scale, D1, D2)
+    _store_parts(_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, m_ok, stride_dqm, stride_dqd, dq0, dq1, dq2,
+                 HEAD_DIM, D0, D1, D2)
 
 
 # ----------------------------------------------------------------------------------------------
 # Block sizes
 # ----------------------------------------------------------------------------------------------
 
-# On the GPU: one heuristic config per (kernel, fp32 or 16-bit, BLOCK_D), chosen for H100 at ViT
+# On the GPU: one heuristic config per (kernel, fp32 or 16-bit, head-dim width <= 64), chosen for H100 at ViT
 # lengths (N 50..730); the 16-bit D <= 64 ones are what the autotuner picked at (256, 12, 197, 64) bf16
 # on an H100 (fwd 128x32, dK/dV 32x128, dQ 64x32, 4 warps, 3 stages), the D = 128 ones what it picked
 # at (128, 16, 257, 80) (fwd 64x64, dK/dV 32x64, dQ 64x32). Set VITCORE_ATTN_AUTOTUNE=1 to
@@ -384,7 +502,7 @@ def _attn_bwd_dq_kernel(
 # larger ones compile for 20 s and more (unrolled FMA code) for little gain.
 # Under the interpreter (CPU) one small fixed config: its cost is per op, not per FLOP.
 _GPU_HEURISTIC = {
-    # (kernel, is_fp32, BLOCK_D <= 64): (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    # (kernel, is_fp32, sum of the head-dim parts <= 64): (BLOCK_M, BLOCK_N, num_warps, num_stages)
     ("fwd", False, True): (128, 32, 4, 3),
     ("fwd", False, False): (64, 64, 4, 3),
     ("fwd", True, True): (32, 32, 4, 2),
@@ -412,11 +530,11 @@ def _use_autotune() -> bool:
     return os.environ.get("VITCORE_ATTN_AUTOTUNE", "0") == "1" and not interpreting()
 
 
-def _config(kind: str, dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+def _config(kind: str, dtype: torch.dtype, head_dim: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for one of the three main kernels."""
     if interpreting():
         return _INTERPRETER_CONFIG[kind]
-    return _GPU_HEURISTIC[(kind, dtype == torch.float32, block_d <= 64)]
+    return _GPU_HEURISTIC[(kind, dtype == torch.float32, sum(_head_dim_parts(head_dim)) <= 64)]
 
 
 def _autotuned(kind: str):
@@ -427,32 +545,49 @@ def _autotuned(kind: str):
         ]
         # Every config rewrites all of its outputs (nothing accumulates across launches), so the
         # autotuner's repeated launches are harmless. The autotuner adds the tensors' dtypes to the key.
-        _AUTOTUNED[kind] = autotune(configs=configs, key=["LEN_BUCKET", "BLOCK_D", "DOT_PRECISION"])(
+        _AUTOTUNED[kind] = autotune(configs=configs, key=["LEN_BUCKET", "HEAD_DIM", "DOT_PRECISION"])(
             _KERNELS[kind]
         )
     return _AUTOTUNED[kind]
 
 
-def _launch(kind: str, rows: int, bh: int, dtype: torch.dtype, block_d: int, len_bucket: int, args: tuple,
+def _launch(kind: str, rows: int, bh: int, dtype: torch.dtype, head_dim: int, len_bucket: int, args: tuple,
             config: tuple[int, int, int, int] | None) -> None:
     """Launch kernel `kind` over `rows` rows of each of `bh` heads (rows = N_Q for fwd/dq, N_KV for dkdv),
     with an explicit config, the heuristic one, or the autotuner's choice."""
     precision = "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
     tile = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"  # the block each program owns
+    parts = _parts_kwargs(head_dim)
 
     def grid(meta):
         return (cdiv(rows, meta[tile]) * bh,)
 
     if config is None and _use_autotune():
-        _autotuned(kind)[grid](*args, len_bucket, BLOCK_D=block_d, DOT_PRECISION=precision)
+        _autotuned(kind)[grid](*args, len_bucket, **parts, DOT_PRECISION=precision)
         return
-    bm, bn, warps, stages = config if config is not None else _config(kind, dtype, block_d)
-    _KERNELS[kind][grid](*args, len_bucket, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, DOT_PRECISION=precision,
+    bm, bn, warps, stages = config if config is not None else _config(kind, dtype, head_dim)
+    _KERNELS[kind][grid](*args, len_bucket, BLOCK_M=bm, BLOCK_N=bn, **parts, DOT_PRECISION=precision,
                          num_warps=warps, num_stages=stages)
 
 
+def _head_dim_parts(head_dim: int) -> tuple[int, int, int]:
+    """head_dim as up to three power-of-two column parts (D0, D1, D2), largest first, 0 for an absent part: the
+    binary digits of head_dim rounded up to a multiple of 16 (the smallest tl.dot operand). Every dot over the head
+    dimension becomes a sum of one dot per part, so no tensor-core work goes to padding columns: 64 -> (64, 0, 0),
+    80 -> (64, 16, 0), 96 -> (64, 32, 0), 112 -> (64, 32, 16), 128 -> (128, 0, 0); 40 -> (32, 16, 0),
+    8 -> (16, 0, 0)."""
+    width = max(16, cdiv(head_dim, 16) * 16)
+    parts = [1 << bit for bit in range(7, 3, -1) if width & (1 << bit)]  # width <= 128: at most 3 parts
+    return (*parts, 0, 0)[:3]
+
+
+def _parts_kwargs(head_dim: int) -> dict[str, int]:
+    """The kernels' D0, D1, D2 constexprs for a head_dim."""
+    return dict(zip(("D0", "D1", "D2"), _head_dim_parts(head_dim)))
+
+
 def _pow2_at_least_16(n: int) -> int:
-    """BLOCK_D for a head_dim (16 is the smallest tl.dot operand), and the autotuner's length bucket."""
+    """The autotuner's length bucket: the next power of two, at least 16."""
     return max(16, next_pow2(n))
 
 
@@ -472,10 +607,9 @@ def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     lse = new_output((B, H, n_q), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
-    block_d = _pow2_at_least_16(d)
     args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, n_q, n_kv, d, scale * _LOG2E)
-    _launch("fwd", n_q, B * H, q.dtype, block_d, _pow2_at_least_16(max(n_q, n_kv)), args, config)
+    _launch("fwd", n_q, B * H, q.dtype, d, _pow2_at_least_16(max(n_q, n_kv)), args, config)
     return o, lse
 
 
@@ -499,22 +633,21 @@ def _attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         return _needed((dq, dk, dv), needs_grad)
     if n_q == 0:  # no query reads any key: the key/value gradients are exactly zero
         return _needed((dq, dk.zero_(), dv.zero_()), needs_grad)
-    block_d = _pow2_at_least_16(d)
     bucket = _pow2_at_least_16(max(n_q, n_kv))
     delta = new_output((B, H, n_q), torch.float32, q.device)
     delta_block = 32 if interpreting() else 64
     _attn_bwd_delta_kernel[(cdiv(n_q, delta_block) * B * H,)](
-        o, do, delta, *o.stride(), *do.stride(), H, n_q, d, BLOCK_M=delta_block, BLOCK_D=block_d,
+        o, do, delta, *o.stride(), *do.stride(), H, n_q, d, BLOCK_M=delta_block, **_parts_kwargs(d),
     )
     common = (H, n_q, n_kv, d, scale, scale * _LOG2E)
     if need_dk or need_dv:
         dkdv_args = (q, k, v, do, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
                      *dk.stride(), *dv.stride(), *common)
-        _launch("dkdv", n_kv, B * H, q.dtype, block_d, bucket, dkdv_args, configs.get("dkdv"))
+        _launch("dkdv", n_kv, B * H, q.dtype, d, bucket, dkdv_args, configs.get("dkdv"))
     if need_dq:
         dq_args = (q, k, v, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                    *common)
-        _launch("dq", n_q, B * H, q.dtype, block_d, bucket, dq_args, configs.get("dq"))
+        _launch("dq", n_q, B * H, q.dtype, d, bucket, dq_args, configs.get("dq"))
     return _needed((dq, dk, dv), needs_grad)
 
 

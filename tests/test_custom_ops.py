@@ -348,8 +348,8 @@ def _compile_for_sm90(verbose: bool = False) -> None:
                       "DOT_PRECISION": "ieee" if dt == "fp32" else "tf32", **cfg.kwargs, "SPLIT_K": split}
             compile_one(lg._gemm_kernel, sig, consts, cfg.num_warps, cfg.num_stages)
 
-    # Attention in bf16 at the GPU heuristic's configs, head_dim 64 and 80 (BLOCK_D 64, 128), unit head_dim
-    # strides; fp32 (unrolled FMA code, ~20 s more to compile) is left to the GPU runs.
+    # Attention in bf16 at the GPU heuristic's configs, head_dim 64 and 80 (head-dim parts 64 and 64 + 16), unit
+    # head_dim strides; fp32 (unrolled FMA code, ~20 s more to compile) is left to the GPU runs.
     lengths = ("N_Q", "N_KV", "LEN_BUCKET")  # do_not_specialize: any ViT length, no divisibility
 
     def attn_arg_type(name):
@@ -361,13 +361,14 @@ def _compile_for_sm90(verbose: bool = False) -> None:
 
     for kind, fn in (("fwd", attn._attn_fwd_kernel), ("dkdv", attn._attn_bwd_dkdv_kernel),
                      ("dq", attn._attn_bwd_dq_kernel), ("delta", attn._attn_bwd_delta_kernel)):
-        for block_d in (64, 128):
+        for d in (64, 80):
+            parts = {"HEAD_DIM": d, **attn._parts_kwargs(d)}
             if kind == "delta":
-                consts = {"BLOCK_M": 64, "BLOCK_D": block_d}
+                consts = {"BLOCK_M": 64, **parts}
                 warps, stages = 4, 3
             else:
-                bm, bn, warps, stages = attn._GPU_HEURISTIC[(kind, False, block_d <= 64)]
-                consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "DOT_PRECISION": "tf32"}
+                bm, bn, warps, stages = attn._config(kind, torch.bfloat16, d)
+                consts = {"BLOCK_M": bm, "BLOCK_N": bn, **parts, "DOT_PRECISION": "tf32"}
             consts.update({a: 1 for a in fn.arg_names if a.startswith("stride") and a.endswith("d")})
             sig = {a: attn_arg_type(a) for a in fn.arg_names if a not in consts}
             compile_one(fn, sig, consts, warps, stages, unaligned=lengths)
