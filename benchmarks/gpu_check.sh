@@ -15,7 +15,8 @@
 #   train     benchmarks.bench_train_compare --quick: the ViT-B_16 training step, vitcore torch/triton/auto,
 #             eager and compiled, against timm eager (SDPA) and compiled; ViT-L_16 if time is left
 #   micro     bench_attention, bench_layer_norm, bench_linear_gelu --quick (ViT-B/16 and ViT-H/14 shapes)
-#   input     bench_input_pipeline --quick on the GPU (CIFAR path)                       -> bench.log (all three)
+#   input     bench_input_pipeline --quick on the GPU (CIFAR path), and over a generated JPEG folder with 16
+#             workers once the script has --imagefolder                                   -> bench.log (all three)
 # OUT receives at most 8 files: env.txt, tests.log, finetune.log, bench.log, summary.md (the README tables,
 # from benchmarks/gpu_summary.py) and tables.tar.gz (every CSV, the loss curves, auto's report, part timings).
 # Exit status: 0 when every part that ran exited 0.
@@ -78,7 +79,8 @@ run() {
 echo "== env"
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo 'none (no nvidia-smi)')"
+  echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'none (no nvidia-smi)')"
+  echo "clocks: $(nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem --format=csv,noheader 2>/dev/null || echo unknown)"
   $PY - <<'EOF'
 import hashlib, importlib, pathlib, platform
 import torch
@@ -107,7 +109,7 @@ GPU_TESTS=${GPU_TESTS:-$(for f in tests/test_attention*.py tests/test_layer_norm
 FINETUNE_TESTS="tests/test_train_gpu.py::test_triton_loss_curve_matches_torch_over_200_steps
 tests/test_train_gpu.py::test_short_cuda_finetune_learns tests/test_train_gpu.py::test_augment_on_cuda_matches_cpu"
 echo "== correctness: tests (${GPU_TESTS}) and finetune, side by side"
-: > "$OUT/tests.log"; : > "$OUT/finetune.log"
+: > "$OUT/tests.log"; : > "$OUT/finetune.log"; : > "$OUT/bench.log"
 # -v: one line per test as it ends, so a run stopped at its cap still shows what passed and failed.
 PYTEST="$PY -m pytest -v -p no:cacheprovider -rfEs"
 if [ "$DRY_RUN" = 1 ]; then
@@ -126,12 +128,17 @@ else
     run tests-rest "$TESTS_REST_BUDGET" "$OUT/tests.log" $PYTEST --durations=10 $XDIST -m "not gpu" $GPU_TESTS; } &
   wants finetune && run finetune "$FINETUNE_BUDGET" "$OUT/finetune.log" $PYTEST --durations=5 $FINETUNE_TESTS &
 fi
+# The input part's JPEG folder, written on the CPU meanwhile (ImageNet-sized photos; see benchmarks/jpeg_folder.py).
+JPEGS="$WORK/jpegs"
+if wants input; then
+  if [ "$DRY_RUN" = 1 ]; then JPEG_ARGS="--images 32 --size 64 48 --workers 2"; else JPEG_ARGS="--images 4096"; fi
+  run jpeg-folder 60 "$OUT/bench.log" $PY -m benchmarks.jpeg_folder "$JPEGS" $JPEG_ARGS &
+fi
 wait
 wants tests && grep -E "^=+ .* in [0-9.]+s" "$OUT/tests.log"
 wants finetune && grep -E "^=+ .* in [0-9.]+s" "$OUT/finetune.log"
 
 # -- timed parts, one at a time ------------------------------------------------------------------------------
-: > "$OUT/bench.log"
 if wants train; then
   echo "== train step"
   limit=$(cap "$TRAIN_BUDGET")
@@ -148,16 +155,28 @@ if wants micro; then
 fi
 if wants input; then
   echo "== input pipeline"
-  if [ "$DRY_RUN" = 1 ]; then
-    run input "$INPUT_BUDGET" "$OUT/bench.log" $PY -m benchmarks.bench_input_pipeline --quick --device cpu \
-      --batch_size 16 --iters 1
+  if [ "$DRY_RUN" = 1 ]; then INPUT_ARGS="--device cpu --batch_size 16 --iters 1"; WORKERS=2
+  else INPUT_ARGS=""; WORKERS=16; fi
+  run input "$INPUT_BUDGET" "$OUT/bench.log" $PY -m benchmarks.bench_input_pipeline --quick $INPUT_ARGS
+  # Each run writes bench_input_pipeline.csv: keep each under its own name.
+  mv "$TABLES/bench_input_pipeline.csv" "$TABLES/input_cifar.csv" 2>/dev/null
+  # The streaming path over the JPEG folder, once bench_input_pipeline has it (the data engineer's --imagefolder).
+  HELP=$($PY -m benchmarks.bench_input_pipeline --help 2>&1)
+  if [[ "$HELP" == *--imagefolder* ]]; then
+    WFLAG=$( [[ "$HELP" == *--num_workers* ]] && echo --num_workers || echo --workers )
+    run input-jpeg "$INPUT_BUDGET" "$OUT/bench.log" $PY -m benchmarks.bench_input_pipeline --quick $INPUT_ARGS \
+      --imagefolder "$JPEGS" $WFLAG $WORKERS
+    mv "$TABLES/bench_input_pipeline.csv" "$TABLES/input_jpeg.csv" 2>/dev/null
   else
-    run input "$INPUT_BUDGET" "$OUT/bench.log" $PY -m benchmarks.bench_input_pipeline --quick
+    echo "input-jpeg,0,0,missing" >> "$TABLES/parts.csv"
+    echo "-- input-jpeg: bench_input_pipeline has no --imagefolder yet: the JPEG-folder row is not measured" \
+      | tee -a "$OUT/bench.log"
   fi
 fi
 
 # -- tables --------------------------------------------------------------------------------------------------
-status=$(awk -F, 'NR > 1 && $4 != "0" && $4 != "skipped" { bad = 1 } END { print bad ? 1 : 0 }' "$TABLES/parts.csv")
+status=$(awk -F, 'NR > 1 && $4 != "0" && $4 != "skipped" && $4 != "missing" { bad = 1 } END { print bad ? 1 : 0 }' \
+  "$TABLES/parts.csv")
 [ -d "$VITCORE_CACHE" ] && cp -r "$VITCORE_CACHE" "$TABLES/vitcore-cache"
 $PY -m benchmarks.gpu_summary "$OUT" "$TABLES" > "$WORK/summary.md" 2> "$WORK/summary.err" \
   || { status=1; echo "summary failed:"; cat "$WORK/summary.err"; }

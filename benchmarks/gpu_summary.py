@@ -137,6 +137,8 @@ class Summary:
                 notes.append(f"{name}: not run")
             elif p["rc"] == "skipped":
                 notes.append(f"{name}: skipped (no time left)")
+            elif p["rc"] == "missing":
+                notes.append(f"{name}: not available yet (see bench.log)")
             elif p["rc"] == "124":
                 notes.append(f"{name}: stopped at its {p['wall_s']} s cap (later rows missing)")
             elif p["rc"] != "0":
@@ -308,25 +310,27 @@ class Summary:
             self.emit("", "```", *problems[:10], "```")
 
     def input_pipeline(self) -> None:
-        self.section("5. Input pipeline", "input")
-        rows = _read_csv(os.path.join(self.tables, "bench_input_pipeline.csv"))
+        self.section("5. Input pipeline (img/s)", "input", "input-jpeg")
         train = _read_csv(os.path.join(self.tables, "bench_train_compare.csv"))
-        auto = next((r for r in train if r["model"] == "ViT-B_16" and r["variant"] == "auto" and r["status"] == "ok"),
-                    None)
+        auto = next((r for r in train if r["variant"] == "auto" and r["status"] == "ok"), None)  # the headline's
         skip = {"device", "torch", "triton", "date"}
-        if not rows:
-            self.emit("No rows.")
-            return
-        cols = [c for c in rows[0] if c not in skip]
-        head = cols + (["vs ViT-B_16 auto training img/s"] if auto else [])
-        out = []
-        for r in rows:
-            cells = [_f(r[c], 4) if re.fullmatch(r"-?[\d.]+(e-?\d+)?", r[c] or "") and "." in r[c] else r[c]
-                     for c in cols]
-            if auto:
-                cells.append(_x(float(r["img_per_s"]) / float(auto["img_per_s"])))
-            out.append(cells)
-        self.table(head, out)
+        for label, name in (("CIFAR path: uint8 set on the GPU, augmented there in whole batches", "input_cifar.csv"),
+                            ("JPEG folder, streamed by worker processes", "input_jpeg.csv")):
+            rows = _read_csv(os.path.join(self.tables, name))
+            self.emit(f"{label}:", "")
+            if not rows:
+                self.emit("not measured.", "")
+                continue
+            cols = [c for c in rows[0] if c not in skip]
+            ratio = f"vs {auto['model']} auto training img/s" if auto else None
+            out = []
+            for r in rows:
+                cells = [_f(r[c], 4) if re.fullmatch(r"-?\d+\.\d*(e-?\d+)?", r[c] or "") else r[c] for c in cols]
+                if ratio and r.get("img_per_s"):
+                    cells.append(_x(float(r["img_per_s"]) / float(auto["img_per_s"])))
+                out.append(cells)
+            self.table(cols + ([ratio] if ratio else []), out)
+            self.emit("")
 
     def timing(self) -> None:
         self.emit("", "### Time per part", "")

@@ -57,9 +57,11 @@ def test_dry_pass_exits_0_with_at_most_8_files(dry_pass):
 def test_every_part_ran_inside_its_cap(dry_pass):
     _, _, tables = dry_pass
     parts = {r["part"]: r for r in _rows(tables, "parts.csv")}
-    assert set(parts) == {"tests-gpu", "tests-rest", "finetune", "finetune-curves", "train", "attention",
-                          "layer_norm", "linear_gelu", "input"}, parts
-    assert all(r["rc"] == "0" for r in parts.values()), parts
+    assert set(parts) == {"tests-gpu", "tests-rest", "finetune", "finetune-curves", "jpeg-folder", "train",
+                          "attention", "layer_norm", "linear_gelu", "input", "input-jpeg"}, parts
+    # input-jpeg is "missing" until bench_input_pipeline has --imagefolder (the data engineer's streaming path).
+    assert all(r["rc"] == "0" for name, r in parts.items() if name != "input-jpeg"), parts
+    assert parts["input-jpeg"]["rc"] in ("0", "missing"), parts
 
 
 def test_env_header_names_the_versions_and_says_dry_run(dry_pass):
@@ -123,9 +125,12 @@ def test_loss_curve_tables(dry_pass):
 
 
 def test_input_pipeline_rows(dry_pass):
-    _, _, tables = dry_pass
-    rows = _rows(tables, "bench_input_pipeline.csv")
+    _, out, tables = dry_pass
+    rows = _rows(tables, "input_cifar.csv")
     assert rows and all(float(r["img_per_s"]) > 0 for r in rows)
+    assert "32 JPEGs of 64x48 in 10 classes" in (out / "bench.log").read_text()
+    if "input_jpeg.csv" in tables:
+        assert all(float(r["img_per_s"]) > 0 for r in _rows(tables, "input_jpeg.csv"))
 
 
 def test_summary_has_every_part(dry_pass):
