@@ -495,10 +495,14 @@ def _attn_bwd_dq_kernel(
 
 # On the GPU: one heuristic config per (kernel, fp32 or 16-bit, head-dim width <= 64), chosen for H100 at ViT
 # lengths (N 50..730); the 16-bit D <= 64 ones are what the autotuner picked at (256, 12, 197, 64) bf16
-# on an H100 (fwd 128x32, dK/dV 32x128, dQ 64x32, 4 warps, 3 stages), the D = 128 ones what it picked
-# at (128, 16, 257, 80) (fwd 64x64, dK/dV 32x64, dQ 64x32). Set VITCORE_ATTN_AUTOTUNE=1 to
+# on an H100 (fwd 128x32, dK/dV 32x128, dQ 64x32, 4 warps, 3 stages), except that dK/dV runs its 32x128
+# tile on 8 warps: at 4 it sits at the 255-register cap and spills under Triton 3.6 (48 B), at 8 each warp
+# group owns 64 key rows and needs 127-183 registers. The wider ones are what it picked at (128, 16, 257, 80)
+# with head_dim 80 then padded to 128 (fwd 64x64, dK/dV 32x64, dQ 64x32). Set VITCORE_ATTN_AUTOTUNE=1 to
 # let triton.autotune pick among a few more (keyed on a power-of-two length bucket, so a new N of the
-# same size class does not re-tune). fp32 (exact "ieee" dots, no tensor cores) keeps 32x32 blocks:
+# same size class does not re-tune); none of them spills at ViT-B/L/H shapes under Triton 3.6 or 3.9
+# (benchmarks/kernel_resources.py; 32x128 on 4 warps left the dK/dV list for its spills).
+# fp32 (exact "ieee" dots, no tensor cores) keeps 32x32 blocks:
 # larger ones compile for 20 s and more (unrolled FMA code) for little gain.
 # Under the interpreter (CPU) one small fixed config: its cost is per op, not per FLOP.
 _GPU_HEURISTIC = {
@@ -507,7 +511,7 @@ _GPU_HEURISTIC = {
     ("fwd", False, False): (64, 64, 4, 3),
     ("fwd", True, True): (32, 32, 4, 2),
     ("fwd", True, False): (32, 32, 4, 2),
-    ("dkdv", False, True): (32, 128, 4, 3),
+    ("dkdv", False, True): (32, 128, 8, 3),
     ("dkdv", False, False): (32, 64, 4, 3),
     ("dkdv", True, True): (32, 32, 4, 2),
     ("dkdv", True, False): (32, 32, 4, 2),
@@ -518,7 +522,7 @@ _GPU_HEURISTIC = {
 }
 _AUTOTUNE_CHOICES = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 128, 8, 3)],
-    "dkdv": [(32, 128, 4, 3), (32, 128, 4, 5), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
+    "dkdv": [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
     "dq": [(128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
 }
 _INTERPRETER_CONFIG = {"fwd": (32, 64, 1, 1), "dkdv": (32, 64, 1, 1), "dq": (64, 32, 1, 1)}
