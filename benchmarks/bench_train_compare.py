@@ -233,6 +233,9 @@ def main() -> None:
                         "from the first run's same variant); those get a 'skipped' row")
     p.add_argument("--quick", action="store_true",
                    help="ViT-B_16 224 px batch 256 (8 variants), then ViT-L_16 batch 128 (4), bf16, 3 + 10 steps")
+    p.add_argument("--warm_only", "--warm-only", action="store_true",
+                   help="only compile the torch.compile variants that hold no vitcore Triton kernel (two steps each), "
+                        "so a later process finds Inductor's on-disk caches warm; nothing is timed or written")
     args = p.parse_args()
     require_cuda("bench_train_compare")
     base = {k: getattr(args, k) for k in ("model_type", "img_size", "batch_size", "variants")}
@@ -242,6 +245,9 @@ def main() -> None:
         args.precision, args.warmup, args.iters = QUICK["precision"], QUICK["warmup"], QUICK["iters"]
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs use TF32 tensor cores, as the peak table assumes
     torch.backends.cudnn.allow_tf32 = True
+    if args.warm_only:
+        warm_caches(runs, args)
+        return
     out = os.path.join(results_dir(), "bench_train_compare.csv")
     report_path = os.path.join(results_dir(), "backend_report.txt")
     t_start = time.time()
@@ -251,9 +257,7 @@ def main() -> None:
     for i, run in enumerate(runs):
         for key in ("model_type", "img_size", "batch_size"):
             setattr(args, key, run[key])
-        gen = torch.Generator().manual_seed(args.seed)  # the same batch for every variant
-        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(DEVICE)  # (B, 3, S, S)
-        y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(DEVICE)
+        x, y = _batch(args)
         scale = _cost_scale(runs[0], run)
         mine: list[dict] = []
         for variant in run["variants"]:
@@ -289,6 +293,32 @@ def main() -> None:
 
 _COLUMNS = ("model", "img_size", "batch", "precision", "variant", "library", "backend", "compiled", "status",
             "ms_per_step", "img_per_s", "mfu", "vs_timm", "vs_timm+compile", "spread", "warmup_s", "peak_mem_gib")
+
+
+def _batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one batch every variant of a run trains on, from the seed, on the device."""
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(DEVICE)  # (B, 3, S, S)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen).to(DEVICE)  # (B,)
+    return x, y
+
+
+def warm_caches(runs: Sequence[dict], args: argparse.Namespace) -> None:
+    """Compile the variants of `runs` whose torch.compile graph holds no vitcore Triton kernel (timm's, torch's, and
+    auto's, which is the torch path under torch.compile), one step each, and discard the timings: Inductor's caches
+    on disk are then warm for the process that measures. The Triton kernels are left out so that their autotuning
+    (cached on disk too) happens only in that process, on an otherwise idle GPU."""
+    args.warmup, args.iters = 1, 1
+    for run in runs:
+        for key in ("model_type", "img_size", "batch_size"):
+            setattr(args, key, run[key])
+        x, y = _batch(args)
+        for variant in run["variants"]:
+            _, backend, compiled = VARIANTS[variant]
+            if compiled and backend != "triton":
+                t0 = time.time()
+                row = run_variant(variant, args, x, y, [])
+                print(f"  warmed {args.model_type} {variant}: {row['status']} ({time.time() - t0:.0f}s)", flush=True)
 
 
 def _base_row(variant: str, args: argparse.Namespace, status: str) -> dict:

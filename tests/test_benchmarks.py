@@ -57,8 +57,8 @@ def test_dry_pass_exits_0_with_at_most_8_files(dry_pass):
 def test_every_part_ran_inside_its_cap(dry_pass):
     _, _, tables = dry_pass
     parts = {r["part"]: r for r in _rows(tables, "parts.csv")}
-    assert set(parts) == {"tests-gpu", "tests-rest", "finetune", "finetune-curves", "jpeg-folder", "train",
-                          "attention", "layer_norm", "linear_gelu", "input", "input-jpeg"}, parts
+    assert set(parts) == {"tests-gpu", "tests-rest", "finetune", "finetune-curves", "jpeg-folder", "train-warm",
+                          "train", "attention", "layer_norm", "linear_gelu", "input", "input-jpeg"}, parts
     # input-jpeg is "missing" until bench_input_pipeline has --imagefolder (the data engineer's streaming path).
     assert all(r["rc"] == "0" for name, r in parts.items() if name != "input-jpeg"), parts
     assert parts["input-jpeg"]["rc"] in ("0", "missing"), parts
@@ -113,7 +113,12 @@ def test_train_step_rows_for_every_variant(dry_pass):
             assert r["status"] == "ok" or r["status"].startswith("timm not installed"), r
     assert {r["variant"] for r in rows if r["img_size"] == "16"} == {"auto", "timm"}  # the second (ViT-L) run
     assert "# testing auto" in tables["backend_report.txt"]
-    assert "testing 32 px fp32 training: " in (out / "bench.log").read_text()
+    log = (out / "bench.log").read_text()
+    assert "testing 32 px fp32 training: " in log
+    # The cache warm-up compiled exactly the compiled variants without vitcore Triton kernels.
+    warmed = re.findall(r"^  warmed testing (\S+): (\S+)", log, flags=re.M)
+    assert {v for v, _ in warmed} == {"timm+compile", "auto+compile", "torch+compile"}, warmed
+    assert all(status == "ok" for v, status in warmed if v != "timm+compile"), warmed
 
 
 def test_loss_curve_tables(dry_pass):
