@@ -12,7 +12,8 @@ Dtypes: x in fp32/fp16/bf16; weight and bias share one dtype, which may differ f
 with half activations). All arithmetic is fp32; y and dx come back in x's dtype, dweight and dbias in the
 weight's dtype. Under torch.autocast nothing is cast: autocast would run F.layer_norm in fp32 and return fp32,
 while this keeps half activations half (the statistics are fp32 either way). Widths up to 8192 (one row fits in
-one block).
+one block), as up to three power-of-two column parts (768 = 512 + 256, 1280 = 1024 + 256), so ViT widths leave no
+lane idle.
 """
 
 from __future__ import annotations
@@ -40,6 +41,48 @@ __all__ = ["layer_norm", "MAX_WIDTH"]
 MAX_WIDTH = 8192
 
 
+# A row of width N is handled as up to three column parts of power-of-two widths N0 >= N1 >= N2 (0 when absent;
+# see _width_parts): 768 = 512 + 256, 1024, 1280 = 1024 + 256, so no lane idles on padding (only a width with more
+# than three binary digits pads, in its last part). Each part is its own register tile; the helpers below do one
+# part's share of a step, and the kernels call them for each part that exists.
+
+
+@triton.jit
+def _part_cols(COL0: tl.constexpr, WIDTH: tl.constexpr, N: tl.constexpr):
+    """Columns COL0 .. COL0 + WIDTH and whether each is inside the row (only a last part may overhang N)."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    return cols, cols < N
+
+
+@triton.jit
+def _fwd_load(X, rows64, row_ok, stride_x, COL0: tl.constexpr, WIDTH: tl.constexpr, N: tl.constexpr):
+    """One part of the rows in fp32 (0 outside the tensor) and its row sums."""
+    cols, col_ok = _part_cols(COL0, WIDTH, N)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    x = x.to(tl.float32)
+    return x, tl.sum(x, axis=1)
+
+
+@triton.jit
+def _fwd_center(x, mean, COL0: tl.constexpr, WIDTH: tl.constexpr, N: tl.constexpr):
+    """x - mean (0 in the padding columns of an overhanging part) and its row sums of squares."""
+    xc = x - mean[:, None]
+    if COL0 + WIDTH > N:
+        _, col_ok = _part_cols(COL0, WIDTH, N)
+        xc = tl.where(col_ok[None, :], xc, 0.0)
+    return xc, tl.sum(xc * xc, axis=1)
+
+
+@triton.jit
+def _fwd_store(Y, W, B, rows64, row_ok, xc, rstd, COL0: tl.constexpr, WIDTH: tl.constexpr, N: tl.constexpr):
+    """y = xc * rstd * weight + bias for one part, stored in Y's dtype."""
+    cols, col_ok = _part_cols(COL0, WIDTH, N)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 @triton.jit
 def _layer_norm_fwd_kernel(
     X,  # (M, N) input, row stride stride_x, unit column stride
@@ -50,33 +93,84 @@ def _layer_norm_fwd_kernel(
     RSTD,  # (M,) fp32, saved for the backward
     stride_x,  # elements between consecutive rows of X
     M,  # number of rows
-    N,  # width (normalised dimension)
+    N: tl.constexpr,  # width (normalised dimension)
     eps,  # added to the variance
-    BLOCK_N: tl.constexpr,  # next power of two >= N: a whole row in one block
+    N0: tl.constexpr,  # column parts: powers of two, N0 >= N1 >= N2, 0 when absent (_width_parts)
+    N1: tl.constexpr,
+    N2: tl.constexpr,
     ROWS: tl.constexpr,  # rows per program; > 1 for narrow rows so a program moves enough bytes
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    row_mask = rows < M
-    col_mask = cols < N
-    mask = row_mask[:, None] & col_mask[None, :]
+    row_ok = rows < M
     # 64-bit row offsets: M * N passes 2**31 for large ViT-H batches.
     rows64 = rows.to(tl.int64)
 
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
+    x0, total = _fwd_load(X, rows64, row_ok, stride_x, 0, N0, N)
+    if N1 > 0:
+        x1, s = _fwd_load(X, rows64, row_ok, stride_x, N0, N1, N)
+        total += s
+    if N2 > 0:
+        x2, s = _fwd_load(X, rows64, row_ok, stride_x, N0 + N1, N2, N)
+        total += s
+    mean = total / N
     # Two-pass variance on registers: the row is already loaded, and it avoids E[x^2] - E[x]^2 cancellation.
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    xc0, squares = _fwd_center(x0, mean, 0, N0, N)
+    if N1 > 0:
+        xc1, s = _fwd_center(x1, mean, N0, N1, N)
+        squares += s
+    if N2 > 0:
+        xc2, s = _fwd_center(x2, mean, N0 + N1, N2, N)
+        squares += s
+    rstd = 1.0 / tl.sqrt(squares / N + eps)
 
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mean, mask=row_mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    _fwd_store(Y, W, B, rows64, row_ok, xc0, rstd, 0, N0, N)
+    if N1 > 0:
+        _fwd_store(Y, W, B, rows64, row_ok, xc1, rstd, N0, N1, N)
+    if N2 > 0:
+        _fwd_store(Y, W, B, rows64, row_ok, xc2, rstd, N0 + N1, N2, N)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _bwd_weight(W, COL0: tl.constexpr, WIDTH: tl.constexpr, N: tl.constexpr):
+    cols, col_ok = _part_cols(COL0, WIDTH, N)
+    return tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _bwd_load(X, DY, rows64, row_ok, stride_x, stride_dy, w, mean, rstd, COL0: tl.constexpr, WIDTH: tl.constexpr,
+              N: tl.constexpr):
+    """One part's xhat, w * dy and dy in fp32 (0 outside the tensor), and its row sums of xhat * w * dy and
+    w * dy."""
+    cols, col_ok = _part_cols(COL0, WIDTH, N)
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    wdy = w[None, :] * dy
+    return xhat, wdy, dy, tl.sum(xhat * wdy, axis=1), tl.sum(wdy, axis=1)
+
+
+@triton.jit
+def _bwd_store(DX, rows64, row_ok, xhat, wdy, dy, c1, c2, rstd, dw_acc, db_acc, COL0: tl.constexpr,
+               WIDTH: tl.constexpr, N: tl.constexpr):
+    """dx = rstd * (wdy - xhat * c1 - c2) for one part, stored in DX's dtype; the part's dW/dB sums updated."""
+    cols, col_ok = _part_cols(COL0, WIDTH, N)
+    dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    return dw_acc + dy * xhat, db_acc + dy
+
+
+@triton.jit
+def _bwd_partials(DW_PARTIAL, DB_PARTIAL, pid, dw_acc, db_acc, COL0: tl.constexpr, WIDTH: tl.constexpr,
+                  N: tl.constexpr):
+    """This program's column sums of one part's dW/dB accumulators: one row of each partial buffer."""
+    cols, col_ok = _part_cols(COL0, WIDTH, N)
+    tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(DB_PARTIAL + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 @triton.jit
@@ -92,57 +186,95 @@ def _layer_norm_bwd_kernel(
     stride_dy,  # elements between rows of DY
     stride_x,  # elements between rows of X
     M,  # number of rows
-    N,  # width
+    N: tl.constexpr,  # width
     rows_per_prog,  # rows each program owns; a multiple of ROWS so programs never overlap
-    BLOCK_N: tl.constexpr,  # next power of two >= N
+    N0: tl.constexpr,  # column parts, as in the forward
+    N1: tl.constexpr,
+    N2: tl.constexpr,
     ROWS: tl.constexpr,  # rows handled per loop iteration
 ):
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     # The dW/dB partial sums stay in fp32 registers for all of this program's rows: the only write is one row
     # of each partial buffer at the end.
-    dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    w0 = _bwd_weight(W, 0, N0, N)
+    dw0 = tl.zeros((ROWS, N0), dtype=tl.float32)
+    db0 = tl.zeros((ROWS, N0), dtype=tl.float32)
+    if N1 > 0:
+        w1 = _bwd_weight(W, N0, N1, N)
+        dw1 = tl.zeros((ROWS, N1), dtype=tl.float32)
+        db1 = tl.zeros((ROWS, N1), dtype=tl.float32)
+    if N2 > 0:
+        w2 = _bwd_weight(W, N0 + N1, N2, N)
+        dw2 = tl.zeros((ROWS, N2), dtype=tl.float32)
+        db2 = tl.zeros((ROWS, N2), dtype=tl.float32)
 
     row_start = pid * rows_per_prog
     row_end = tl.minimum(row_start + rows_per_prog, M)
     for r0 in range(row_start, row_end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
-        row_mask = rows < row_end
-        mask = row_mask[:, None] & col_mask[None, :]
+        row_ok = rows < row_end
         rows64 = rows.to(tl.int64)
-        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = w[None, :] * dy
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         # dx = rstd * (wdy - mean(wdy) - xhat * mean(wdy * xhat)), the means over the row.
-        c1 = tl.sum(xhat * wdy, axis=1) / N
-        c2 = tl.sum(wdy, axis=1) / N
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        xhat0, wdy0, dy0, c1, c2 = _bwd_load(X, DY, rows64, row_ok, stride_x, stride_dy, w0, mean, rstd, 0, N0, N)
+        if N1 > 0:
+            xhat1, wdy1, dy1, s1, s2 = _bwd_load(X, DY, rows64, row_ok, stride_x, stride_dy, w1, mean, rstd,
+                                                 N0, N1, N)
+            c1 += s1
+            c2 += s2
+        if N2 > 0:
+            xhat2, wdy2, dy2, s1, s2 = _bwd_load(X, DY, rows64, row_ok, stride_x, stride_dy, w2, mean, rstd,
+                                                 N0 + N1, N2, N)
+            c1 += s1
+            c2 += s2
+        c1 = c1 / N
+        c2 = c2 / N
+        dw0, db0 = _bwd_store(DX, rows64, row_ok, xhat0, wdy0, dy0, c1, c2, rstd, dw0, db0, 0, N0, N)
+        if N1 > 0:
+            dw1, db1 = _bwd_store(DX, rows64, row_ok, xhat1, wdy1, dy1, c1, c2, rstd, dw1, db1, N0, N1, N)
+        if N2 > 0:
+            dw2, db2 = _bwd_store(DX, rows64, row_ok, xhat2, wdy2, dy2, c1, c2, rstd, dw2, db2, N0 + N1, N2, N)
 
-        dw_acc += dy * xhat
-        db_acc += dy
-
-    tl.store(DW_PARTIAL + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
-    tl.store(DB_PARTIAL + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    _bwd_partials(DW_PARTIAL, DB_PARTIAL, pid, dw0, db0, 0, N0, N)
+    if N1 > 0:
+        _bwd_partials(DW_PARTIAL, DB_PARTIAL, pid, dw1, db1, N0, N1, N)
+    if N2 > 0:
+        _bwd_partials(DW_PARTIAL, DB_PARTIAL, pid, dw2, db2, N0 + N1, N2, N)
 
 
 # ----------------------------------------------------------------------------------------------------------- host
 
 
-def _block_shape(n: int, tile_elems: int) -> tuple[int, int, int]:
-    """(BLOCK_N, ROWS, num_warps): whole rows per block, several rows when narrow so each program has
-    ~tile_elems elements in flight; about 8-16 elements per thread per tensor."""
-    block_n = next_pow2(n)
-    rows = max(1, min(16, tile_elems // block_n))
-    num_warps = min(16, max(4, rows * block_n // 512))
-    return block_n, rows, num_warps
+def _width_parts(n: int) -> tuple[int, int, int]:
+    """A row width as up to three power-of-two column parts (N0, N1, N2), largest first, 0 for an absent part: its
+    two leading binary digits, then the rest rounded up to a power of two (padding only there, and only for widths
+    with more than three binary digits). 768 -> (512, 256, 0), 1024 -> (1024, 0, 0), 1280 -> (1024, 256, 0),
+    384 -> (256, 128, 0), 1000 -> (512, 256, 256)."""
+    parts = []
+    rest = n
+    while rest and len(parts) < 2:
+        parts.append(1 << (rest.bit_length() - 1))
+        rest -= parts[-1]
+    if rest:
+        parts.append(next_pow2(rest))
+    return (*parts, 0, 0)[:3]
+
+
+def _block_shape(n: int, tile_elems: int) -> tuple[tuple[int, int, int], int, int]:
+    """(column parts, ROWS, num_warps): whole rows per block, several rows when narrow so each program has about
+    tile_elems elements in flight, and a warp count whose threads all hold elements of even the smallest part
+    (no replicated lanes)."""
+    parts = _width_parts(n)
+    width = sum(parts)
+    rows = _pow2_floor(max(1, min(16, tile_elems // width)))
+    smallest = min(p for p in parts if p) * rows
+    num_warps = max(1, min(16, _pow2_floor(max(4, rows * width // 512)), smallest // 32))
+    return parts, rows, num_warps
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
 
 
 def _rows_view(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -165,11 +297,11 @@ def _layer_norm_fwd(
     rstd = new_output((m,), torch.float32, x.device)
     if m == 0:
         return y.view(x.shape), mean, rstd
-    block_n, rows, num_warps = _block_shape(n, 4096)
+    (n0, n1, n2), rows, num_warps = _block_shape(n, 4096)
     grid = (cdiv(m, rows),)
     _layer_norm_fwd_kernel[grid](
         x2, y, weight, bias, mean, rstd, x2.stride(0), m, n, eps,
-        BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
+        N0=n0, N1=n1, N2=n2, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
     return y.view(x.shape), mean, rstd
 
@@ -190,7 +322,7 @@ def _layer_norm_bwd(
     if m == 0:
         zeros = lambda need: torch.zeros(n, dtype=weight.dtype, device=weight.device) if need else skipped_grad(weight)
         return (dx.view(x.shape) if need_dx else skipped_grad(x)), zeros(need_dw), zeros(need_db)
-    block_n, rows, num_warps = _block_shape(n, 2048)
+    (n0, n1, n2), rows, num_warps = _block_shape(n, 2048)
     # A few programs per SM, each looping over a contiguous run of rows: enough parallelism to saturate memory
     # while keeping the (G, N) partial buffers (and the second reduction) small next to x itself.
     programs = min(cdiv(m, rows), 4 * sm_count(x.device))
@@ -200,7 +332,7 @@ def _layer_norm_bwd(
     _layer_norm_bwd_kernel[(programs,)](
         dy2, x2, weight, mean, rstd, dx, partial[0], partial[1],
         dy2.stride(0), x2.stride(0), m, n, rows_per_prog,
-        BLOCK_N=block_n, ROWS=rows, num_warps=num_warps,
+        N0=n0, N1=n1, N2=n2, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
     # The second reduction only for the buffers whose gradient is wanted (none when weight and bias are frozen).
     lo, hi = (0 if need_dw else 1), (2 if need_db else 1)

@@ -312,15 +312,16 @@ def _compile_for_sm90(verbose: bool = False) -> None:
 
     for dt in ("bf16", "fp32"):
         for n in (768, 8192, 10):
-            block_n, rows, warps = ln._block_shape(n, 4096)
+            parts, rows, warps = ln._block_shape(n, 4096)
             compile_one(ln._layer_norm_fwd_kernel, {
                 "X": f"*{dt}", "Y": f"*{dt}", "W": "*fp32", "B": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32",
-                "stride_x": "i32", "M": "i32", "N": "i32", "eps": "fp32"}, {"BLOCK_N": block_n, "ROWS": rows}, warps)
-            block_n, rows, warps = ln._block_shape(n, 2048)
+                "stride_x": "i32", "M": "i32", "eps": "fp32"}, {"N": n, **dict(zip(("N0", "N1", "N2"), parts)),
+                                                                "ROWS": rows}, warps)
+            parts, rows, warps = ln._block_shape(n, 2048)
             compile_one(ln._layer_norm_bwd_kernel, {
                 "DY": f"*{dt}", "X": f"*{dt}", "W": f"*{dt}", "MEAN": "*fp32", "RSTD": "*fp32", "DX": f"*{dt}",
                 "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "stride_dy": "i32", "stride_x": "i32", "M": "i32",
-                "N": "i32", "rows_per_prog": "i32"}, {"BLOCK_N": block_n, "ROWS": rows}, warps)
+                "rows_per_prog": "i32"}, {"N": n, **dict(zip(("N0", "N1", "N2"), parts)), "ROWS": rows}, warps)
     for num_out, block_g, block_n in ((2, 32, 128), (1, 4, 1024)):
         compile_one(common._column_sum_kernel, {"PARTIAL": "*fp32", "OUT0": "*bf16", "OUT1": "*bf16", "G": "i32",
                     "N": "i32"}, {"NUM_OUT": num_out, "BLOCK_G": block_g, "BLOCK_N": block_n}, 4)
