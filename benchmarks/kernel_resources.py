@@ -28,6 +28,8 @@ Columns:
                     GEMM: BLOCK_M x BLOCK_N x BLOCK_K) over the sum of M x N x K of the tl.dot ops in one loop body
                     of the compiled TTIR. Sequence tails (197 rows in blocks of 128) are left out: they depend on N,
                     not on the kernel. "-" for kernels without dots
+    lanes           real columns over the columns the head-dim parts (attention) or row parts (LayerNorm) cover:
+                    below 1 where lanes idle on padding (a width that is not a sum of at most three powers of two)
     s               cold compile seconds
 The last line reads `kernel resources: N compiled, S with spills, useful MMA at head_dim 80: F`, F the smallest mma of
 the head_dim-80 attention compiles. Exit status 1 when any compile spills (the CI test relies on it).
@@ -62,7 +64,7 @@ _SMEM_RESERVED = 1024  # per block, taken by the system
 _MAX_WARPS = 64
 _MAX_BLOCKS = 32
 
-BATCH = 64  # images per step: only the sizes' divisibility reaches the compiler, and every batch of 16k gives the same
+BATCH = 64  # images per step: only divisibility by 16 reaches the compiler, so any batch of 16k compiles the same
 MODELS = ("ViT-B_16", "ViT-L_16", "ViT-H_14")
 _SHORT = {"ViT-B_16": "B16", "ViT-L_16": "L16", "ViT-H_14": "H14"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,6 +89,7 @@ class Compiled:
     smem: int
     seconds: float
     mma: float | None
+    lanes: float | None
     head_dim: int | None
     where: list[str] = field(default_factory=list)
     sources: set[str] = field(default_factory=set)
@@ -228,7 +231,7 @@ class Harness:
             known = Compiled(
                 kernel=name, tile=_tile(values), warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages,
                 regs=regs, spill_stores=stores, spill_loads=loads, smem=kernel.metadata.shared, seconds=seconds,
-                mma=_useful_mma(name, values, kernel.asm["ttir"]), head_dim=head_dim,
+                mma=_useful_mma(name, values, kernel.asm["ttir"]), lanes=_useful_lanes(values), head_dim=head_dim,
             )
             self.compiled[kernel.hash] = known
         if self.label not in known.where:
@@ -254,14 +257,22 @@ def _restore_env(saved: dict[str, str | None]) -> None:
 
 def _tile(values: dict) -> str:
     tile = "x".join(str(values[n]) for n in _TILE_NAMES if n in values)
-    parts = [values[n] for n in ("D0", "D1", "D2") if values.get(n)]
-    if parts:
-        tile += " d" + "+".join(map(str, parts))
-    elif "BLOCK_D" in values:
-        tile += f" d{values['BLOCK_D']}"
+    for prefix, axis in (("d", "D"), ("n", "N")):  # attention's head-dim parts, LayerNorm's column parts
+        parts = [values[f"{axis}{i}"] for i in range(3) if values.get(f"{axis}{i}")]
+        if parts:
+            tile += f" {prefix}" + "+".join(map(str, parts))
     if values.get("SPLIT_K", 1) > 1:
         tile += f" split{values['SPLIT_K']}"
     return tile
+
+
+def _useful_lanes(values: dict) -> float | None:
+    """Real columns over the columns a kernel's head-dim or row parts cover (1.0: no lane idles on padding)."""
+    if "N0" in values:
+        return values["N"] / (values["N0"] + values["N1"] + values["N2"])
+    if "D0" in values:
+        return values["HEAD_DIM"] / (values["D0"] + values["D1"] + values["D2"])
+    return None
 
 
 def _useful_mma(name: str, values: dict, ttir: str) -> float | None:
@@ -373,6 +384,7 @@ def report(compiled: list[Compiled]) -> list[dict]:
             "smem_KiB": round(c.smem / 1024, 1),
             "occ": round(c.occupancy, 3),
             "mma": "-" if c.mma is None else round(c.mma, 3),
+            "lanes": "-" if c.lanes is None else round(c.lanes, 3),
             "s": round(c.seconds, 2),
         })
     return rows
