@@ -61,9 +61,10 @@ def random_params(
     p["embedding/bias"] = normal((D,), 0.1)
     # The token grid, counted from the layers (not from cfg.input_stride, which is under test):
     # SAME stem conv /2, max-pool /2, a stride-2 unit opening each later stage, then the patch conv.
+    # With no stages at all (R+ViT-Ti_16) the root alone halves twice.
     grid = img_size
     if cfg.resnet_layers is not None:
-        for _ in range(1 + len(cfg.resnet_layers)):  # stem+pool is two halvings, stages 2.. one each
+        for _ in range(2 + max(len(cfg.resnet_layers) - 1, 0)):
             grid = -(-grid // 2)
     grid //= ps
     n_tok = grid * grid

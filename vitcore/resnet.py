@@ -1,4 +1,5 @@
-"""The ResNet root of the R50+ViT hybrid, as in the official `vit_jax/models_resnet.py`.
+"""The ResNet root of the hybrids (R50+ViT-B_16, R26+ViT-S_32, R+ViT-Ti_16...), as in the official
+`vit_jax/models_resnet.py` and the root block of `models_vit.py`.
 
 Differences from torchvision's ResNet that the checkpoints depend on: weight-standardised convs,
 GroupNorm (32 groups, eps 1e-6) instead of BatchNorm, TF-style SAME padding (asymmetric for
@@ -79,7 +80,8 @@ class ResNetRoot(nn.Module):
     """Stem (7x7/2 conv, GroupNorm, ReLU, 3x3/2 max-pool) and bottleneck stages; (B, 3, H, W) -> (B, C, H/s, W/s).
 
     `stages[i][j]` holds the official `block{i+1}/unit{j+1}`; stage i has 64*width*2^i features, its
-    units output 4x that, and every stage after the first halves the grid.
+    units output 4x that, and every stage after the first halves the grid. `layers=()` is the root alone
+    (stem and max-pool, 64*width channels at /4), as R+ViT-Ti_16 uses it.
     """
 
     def __init__(self, layers: tuple[int, ...], width_factor: float, in_ch: int = 3) -> None:
