@@ -263,13 +263,13 @@ def _width_parts(n: int) -> tuple[int, int, int]:
 
 def _block_shape(n: int, tile_elems: int) -> tuple[tuple[int, int, int], int, int]:
     """(column parts, ROWS, num_warps): whole rows per block, several rows when narrow so each program has about
-    tile_elems elements in flight, and a warp count whose threads all hold elements of even the smallest part
-    (no replicated lanes)."""
+    tile_elems elements in flight, about 8-16 elements per thread per tensor, and no more threads than the smallest
+    part has elements (no replicated lanes; only widths so narrow that one warp is too many break this)."""
     parts = _width_parts(n)
     width = sum(parts)
     rows = _pow2_floor(max(1, min(16, tile_elems // width)))
     smallest = min(p for p in parts if p) * rows
-    num_warps = max(1, min(16, _pow2_floor(max(4, rows * width // 512)), smallest // 32))
+    num_warps = max(1, min(16, next_pow2(max(4, cdiv(rows * width, 512))), smallest // 32))
     return parts, rows, num_warps
 
 
