@@ -250,3 +250,76 @@ def test_gpu_benchmarks_exit_0_with_a_message_without_cuda(name, monkeypatch, ca
         mod.main()
     assert exit_.value.code == 0
     assert f"{name}: no CUDA device on this machine; nothing measured." in capsys.readouterr().out
+
+
+# -- gpu_summary on GPU-shaped tables ---------------------------------------------------------------------------
+
+def _write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_summary_ratios_and_verdicts_from_gpu_shaped_tables(tmp_path):
+    """The paths a dry run cannot reach (an MFU, a best SDPA backend that differs per mode, targets met and missed,
+    a part stopped at its cap), on hand-made tables in the scripts' formats; the numbers are made up."""
+    from benchmarks.gpu_summary import summarize
+
+    out, tables = tmp_path / "out", tmp_path / "tables"
+    out.mkdir()
+    tables.mkdir()
+    (out / "env.txt").write_text("date: 2026-12-02 10:00 UTC\ngpu: NVIDIA H200, 143771 MiB, 580.159.03\n"
+                                 "device: NVIDIA H200\ntorch: 2.11.0+cu130 | CUDA 13.0 | cuDNN 91300\n"
+                                 "triton: 3.6.0\ntimm: 1.0.20\ndry run: no\n")
+    (out / "tests.log").write_text("-- tests-gpu (cap 45s, at 2s): python -m pytest -v -m gpu tests/test_a.py\n"
+                                   "===== 23 passed in 30.0s =====\n"
+                                   "-- tests-rest (cap 60s, at 33s): python -m pytest -v tests/test_a.py\n"
+                                   "tests/test_a.py::t PASSED [ 50%]\n-- tests-rest: stopped at its 60s cap\n")
+    s = {"shape": "ViT-B/16@224", "B": 256, "H": 12, "N": 197, "D": 64, "dtype": "bfloat16", "tflops": 1}
+    _write_csv(tables / "bench_attention.csv", [
+        {**s, "mode": m, "impl": i, "ms": ms}
+        for m, i, ms in [("fwd", "triton", 0.2), ("fwd", "sdpa-flash", 0.16), ("fwd", "compile-math", 0.5),
+                         ("bwd", "triton", 0.8), ("bwd", "sdpa-cudnn", 1.1), ("bwd", "compile-math", 1.5),
+                         ("fwd+bwd", "triton", 1.0), ("fwd+bwd", "sdpa-cudnn", 1.2), ("fwd+bwd", "compile-math", 2.0)]])
+    ln = {"shape": "ViT-B/16@224", "batch": 256, "M": 50432, "N": 768, "dtype": "bfloat16"}
+    _write_csv(tables / "bench_layer_norm.csv", [
+        {**ln, "mode": m, "impl": i, "ms": ms, "GB/s": gb, "copy_frac": gb / 4000}
+        for m, i, ms, gb in [("fwd", "triton", 0.05, 3000), ("fwd", "torch", 0.06, 2500), ("bwd", "triton", 0.1, 2800),
+                             ("bwd", "torch", 0.13, 2100), ("fwd+bwd", "triton", 0.15, 2900),
+                             ("fwd+bwd", "torch", 0.19, 2300), ("fwd+bwd", "compile", 0.16, 2700)]])
+    lg = {"shape": "ViT-B/16@224", "M": 50432, "K": 768, "N": 3072, "dtype": "bfloat16", "tflops": 600}
+    _write_csv(tables / "bench_linear_gelu.csv", [
+        {**lg, "mode": "fwd+bwd", "impl": i, "ms": ms}
+        for i, ms in [("triton-bwd=cublas", 2.0), ("triton-bwd=triton", 1.9), ("torch", 2.2), ("compile", 2.1)]])
+    t = {"model": "ViT-B_16", "img_size": 224, "batch": 256, "precision": "bf16", "library": "vitcore",
+         "backend": "auto", "compiled": False, "ms_per_step": 100, "spread": 0.01, "warmup_s": 20, "peak_mem_gib": 30}
+    _write_csv(tables / "bench_train_compare.csv", [
+        {**t, "variant": "auto", "status": "ok", "img_per_s": 2600, "mfu": 0.139, "vs_timm": 1.3,
+         "vs_timm+compile": 0.96},
+        {**t, "variant": "timm", "status": "ok", "img_per_s": 2000, "mfu": 0.107, "vs_timm": 1.0,
+         "vs_timm+compile": 0.74},
+        {**t, "variant": "timm+compile", "status": "ok", "img_per_s": 2700, "mfu": 0.144, "vs_timm": 1.35,
+         "vs_timm+compile": 1.0},
+        {**t, "variant": "torch+compile", "status": "skipped: about 50s needed, the time cap leaves 20s",
+         "img_per_s": "", "mfu": "", "vs_timm": "", "vs_timm+compile": "", "ms_per_step": "", "spread": "",
+         "warmup_s": "", "peak_mem_gib": ""}])
+    _write_csv(tables / "parts.csv", [{"part": "tests-gpu", "budget_s": 45, "wall_s": 31, "rc": 0},
+                                      {"part": "tests-rest", "budget_s": 60, "wall_s": 60, "rc": 124},
+                                      {"part": "input-jpeg", "budget_s": 0, "wall_s": 0, "rc": "missing"}])
+    md = summarize(str(out), str(tables))
+    assert "could not be summarised" not in md, md
+    assert "_NVIDIA H200 · driver 580.159.03 · torch 2.11.0+cu130 · triton 3.6.0 · 2026-12-02 10:00 UTC_" in md
+    assert ("**ViT-B_16 224 px bf16 training: 2600 img/s (13.9% MFU), 1.30× timm eager, 0.96× timm compiled**"
+            in md)
+    assert "| ViT-B/16@224 (256, 12, 197, 64) | 0.2 / 0.8 / 1 | 0.16 / 1.1 / 1.2 (sdpa-flash, sdpa-cudnn) |" in md
+    assert "| 1.20× | 2.00× | met (≥ 1.1×) |" in md  # attention
+    assert "| 1.27× | 1.20× / 1.30× | 1.07× | **missed** (< 1.5×) |" in md  # LayerNorm
+    assert "1.16× (triton-bwd=triton) | 1.11× | met (≥ 1.1×) |" in md  # Linear+GELU: the faster variant counts
+    assert "Device-to-device copy bandwidth measured in the run: 4000 GB/s" in md
+    assert ("vs timm eager 1.30×: met (≥ 1.25×); vs timm compiled 0.96×: **missed** (< 1×); MFU 13.9%: **missed**"
+            in md)
+    assert "- GPU-marked (bf16 kernels vs float64, bf16 model triton vs torch): 23 passed in 30.0s" in md
+    assert "stopped at its time cap: 1 passed (see the log)" in md
+    assert "tests-rest: stopped at its 60 s cap" in md and "input-jpeg: not available yet" in md
+    assert "| torch+compile | — | — | — | — | — | — | — | — | skipped: about 50s needed" in md
