@@ -2,8 +2,10 @@
 backends, each eager and under torch.compile, against timm (eager with SDPA attention, and torch.compile'd);
 img/s and MFU, in one process, on the same batch held on the GPU.
 
-    python -m benchmarks.bench_train_compare --quick    # ViT-B_16, 224 px, bf16, batch 256, all 8 variants
+    python -m benchmarks.bench_train_compare --quick    # ViT-B_16 224 px bf16 batch 256, all 8 variants; then
+                                                         # ViT-L_16 batch 128 (4) as far as --deadline_s allows
     python -m benchmarks.bench_train_compare --model_type ViT-L_16 --batch_size 128 --variants auto timm
+    python -m benchmarks.bench_train_compare --quick --warm_only   # fill Inductor's caches for a later run
 
 A step is what fine-tuning runs: forward under autocast, cross-entropy, backward, global-norm clip to 1, SGD
 with momentum, zero_grad. Every variant gets `warmup` untimed steps (compilation, autotuning and `auto`'s
