@@ -65,7 +65,14 @@ _MAX_WARPS = 64
 _MAX_BLOCKS = 32
 
 BATCH = 64  # images per step: only divisibility by 16 reaches the compiler, so any batch of 16k compiles the same
-MODELS = ("ViT-B_16", "ViT-L_16", "ViT-H_14")
+# (tokens at 224 px incl. the class token, heads, head_dim, width, MLP width), as vitcore.CONFIGS has them (a test
+# checks that). Spelled out so this script needs only torch and triton: it also runs in a bare venv of another Triton.
+MODEL_DIMS = {
+    "ViT-B_16": (197, 12, 64, 768, 3072),
+    "ViT-L_16": (197, 16, 64, 1024, 4096),
+    "ViT-H_14": (257, 16, 80, 1280, 5120),
+}
+MODELS = tuple(MODEL_DIMS)
 _SHORT = {"ViT-B_16": "B16", "ViT-L_16": "L16", "ViT-H_14": "H14"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 QUICK = (("ViT-B_16", "ViT-H_14"), ("bf16",))
@@ -292,19 +299,10 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _model_dims(model: str) -> tuple[int, int, int, int, int]:
-    """(tokens, heads, head_dim, width, mlp width) of a ViT at 224 px, from the config zoo."""
-    from vitcore.config import CONFIGS
-
-    cfg = CONFIGS[model]
-    tokens = (224 // cfg.patch_size) ** 2 + 1  # + the class token
-    return tokens, cfg.num_heads, cfg.hidden_size // cfg.num_heads, cfg.hidden_size, cfg.mlp_dim
-
-
 def launch_attention(harness: Harness, model: str, dtype_name: str, autotune: bool) -> None:
     """Forward and backward at the model's shape, q/k/v as views of one fused qkv projection (as vitcore does)."""
     attn = importlib.import_module("kernels.attention")
-    n, heads, d, _, _ = _model_dims(model)
+    n, heads, d, _, _ = MODEL_DIMS[model]
     dtype = DTYPES[dtype_name]
     qkv = _meta(BATCH, n, 3, heads, d, dtype=dtype)  # (B, N, 3, H, D)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, D) views
@@ -323,7 +321,7 @@ def launch_attention(harness: Harness, model: str, dtype_name: str, autotune: bo
 
 def launch_layer_norm(harness: Harness, model: str, dtype_name: str, weight_dtype: torch.dtype) -> None:
     ln = importlib.import_module("kernels.layer_norm")
-    n, _, _, width, _ = _model_dims(model)
+    n, _, _, width, _ = MODEL_DIMS[model]
     dtype = DTYPES.get(dtype_name, torch.float32)
     x = _meta(BATCH, n, width, dtype=dtype)
     w, b = _meta(width, dtype=weight_dtype), _meta(width, dtype=weight_dtype)
@@ -335,7 +333,7 @@ def launch_layer_norm(harness: Harness, model: str, dtype_name: str, weight_dtyp
 
 def launch_linear_gelu(harness: Harness, model: str, dtype_name: str, backwards: tuple[str, ...]) -> None:
     lg = importlib.import_module("kernels.linear_gelu")
-    n, _, _, width, mlp = _model_dims(model)
+    n, _, _, width, mlp = MODEL_DIMS[model]
     dtype = DTYPES[dtype_name]
     x = _meta(BATCH, n, width, dtype=dtype)
     w, b = _meta(mlp, width, dtype=dtype), _meta(mlp, dtype=dtype)

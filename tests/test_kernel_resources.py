@@ -56,6 +56,16 @@ def test_loop_dot_macs_reads_one_loop_body():
     assert kr.loop_dot_macs("scf.for %i = %a to %b step %c : i32 {\n  scf.yield\n}\n") is None
 
 
+@pytest.mark.parametrize("model", kr.MODELS)
+def test_model_dims_match_the_config_zoo(model):
+    from vitcore import CONFIGS
+
+    cfg = CONFIGS[model]
+    tokens = (224 // cfg.patch_size) ** 2 + 1  # + the class token
+    assert kr.MODEL_DIMS[model] == (tokens, cfg.num_heads, cfg.hidden_size // cfg.num_heads, cfg.hidden_size,
+                                    cfg.mlp_dim)
+
+
 def test_ptxas_numbers():
     log = ("ptxas info    : Function properties for k\n"
            "    48 bytes stack frame, 48 bytes spill stores, 40 bytes spill loads\n"
