@@ -25,6 +25,8 @@ SMALL = ViTConfig(patch_size=16, hidden_size=16, mlp_dim=8, num_heads=2, num_lay
 HYBRID = ViTConfig(
     patch_size=1, hidden_size=16, mlp_dim=8, num_heads=2, num_layers=1, resnet_layers=(1, 1), resnet_width=0.5
 )
+ROOT_ONLY = HYBRID.replace(patch_size=2, resnet_layers=())  # R+ViT-Ti_16's layout: the ResNet root, no stages
+R26_LIKE = HYBRID.replace(resnet_layers=(2, 2, 2, 2))
 
 
 def write(path, params, compressed=False):
@@ -137,6 +139,49 @@ def test_token_checkpoint_into_gap_model_is_an_error(tmp_path):
         vitcore.load_pretrained(model, params)
 
 
+def test_a_fifo_is_refused_at_once_not_waited_on(tmp_path):
+    """Opening a FIFO blocks until a writer comes; load_npz, npz_index and load_pretrained must not open it."""
+    import threading
+
+    from vitcore.npz import npz_index
+
+    fifo = tmp_path / "ViT-B_16.npz"
+    os.mkfifo(fifo)
+    calls = [vitcore.load_npz, npz_index, lambda p: vitcore.load_pretrained(VisionTransformer(SMALL, img_size=32), p)]
+    errors: list[BaseException] = []
+
+    def run():
+        for call in calls:
+            try:
+                call(str(fifo))
+            except NpzError as e:
+                errors.append(e)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    if worker.is_alive():  # blocked in open(): release it with a writer, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading a FIFO blocked")
+    assert len(errors) == 3
+    assert all(str(e) == f"{fifo}: not a regular file (a FIFO (named pipe)); pass the path of the .npz file itself"
+               for e in errors)
+    with pytest.raises(NpzError, match="not a regular file \\(a character device\\)"):
+        vitcore.load_npz(os.devnull)
+
+
+def test_read_architecture_of_every_layout(tmp_path):
+    from vitcore.checkpoint import read_architecture
+
+    for cfg, img in ((SMALL.replace(representation_size=5), 48), (ROOT_ONLY, 16), (R26_LIKE, 64),
+                     (SMALL.replace(classifier="gap", num_layers=3), 32)):
+        params = ref.random_params(cfg, img, 6, np.random.default_rng(0), gn_4d=True)
+        arch = read_architecture(write(tmp_path / "a.npz", ref.to_pre_linen(params)))
+        assert arch == vitcore.checkpoint.Architecture(cfg, img, 6)
+    with pytest.raises(CheckpointError, match="is not an official ViT checkpoint: no embedding/kernel"):
+        read_architecture(write(tmp_path / "b.npz", {"x": np.zeros(3)}))
+
+
 def test_not_an_npz_is_an_npz_error(tmp_path):
     path = tmp_path / "x.npz"
     path.write_bytes(b"not a zip file at all")
@@ -157,7 +202,8 @@ def test_failed_load_leaves_the_model_untouched(tmp_path):
 # ----------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(representation_size=7, classifier="gap"), HYBRID])
+@pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(representation_size=7, classifier="gap"), HYBRID, ROOT_ONLY,
+                                 R26_LIKE])
 @pytest.mark.parametrize("compressed", [False, True])
 def test_save_npz_round_trips_exactly_with_official_names(tmp_path, cfg, compressed):
     torch.manual_seed(0)

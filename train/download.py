@@ -1,16 +1,16 @@
-"""Downloads: CIFAR tarballs and official checkpoints, md5-checked, never a partial file under the final name."""
+"""Downloads of the training data (CIFAR tarballs, md5-checked, extracted safely) and the default checkpoint.
+
+The download itself (temp file renamed when complete, progress bar, one-line errors) is `vitcore.download`;
+the names below stay importable from here for the dataset code and older callers.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import os
 import tarfile
-import tempfile
-import urllib.error
-import urllib.request
 
-from tqdm import tqdm
+from vitcore import sources
+from vitcore.download import DownloadError, download, md5sum
 
 __all__ = [
     "DownloadError",
@@ -24,7 +24,8 @@ __all__ = [
     "ensure_checkpoint",
 ]
 
-CHECKPOINT_BASE_URL = "https://storage.googleapis.com/vit_models/imagenet21k/"
+# The official bucket's imagenet21k folder ($VITCORE_MODELS_URL replaces the base; see vitcore.sources).
+CHECKPOINT_BASE_URL = sources.DEFAULT_BASE_URL + "/imagenet21k/"
 
 # dataset -> (url, md5, folder inside the tarball); as published on https://www.cs.toronto.edu/~kriz/cifar.html
 CIFAR = {
@@ -33,66 +34,6 @@ CIFAR = {
     "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                  "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
 }
-
-
-class DownloadError(RuntimeError):
-    """A download that failed or did not match its md5; the message says where to put the file by hand."""
-
-
-def md5sum(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url: str, path: str, md5: str | None = None, progress: bool = True, timeout: float = 60.0) -> str:
-    """Fetch `url` to `path` via a temp file in the same folder, check `md5`, then rename into place.
-
-    A failure (network, md5) removes the temp file, so `path` exists only when complete and verified.
-    """
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    # Same folder as the target: os.replace is then an atomic rename on one filesystem.
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".part", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", e)
-                raise DownloadError(f"cannot download {url} ({reason}); download it by hand and put it at {path}") \
-                    from None
-            received = 0
-            with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                          desc=os.path.basename(path)) as bar:
-                    try:
-                        while block := response.read(1 << 20):
-                            out.write(block)
-                            received += len(block)
-                            bar.update(len(block))
-                    except (OSError, http.client.HTTPException) as e:
-                        raise DownloadError(f"download of {url} broke off after {received} bytes ({e!r}); nothing "
-                                            f"was kept. Retry, or download it by hand and put it at {path}") from None
-            # http.client ends a read quietly when the server closes early; checkpoints have no md5 to catch it.
-            if total is not None and received != total:
-                raise DownloadError(f"download of {url} ended after {received} of {total} bytes; nothing was kept. "
-                                    f"Retry, or download it by hand and put it at {path}")
-        if md5 is not None:
-            got = md5sum(tmp)
-            if got != md5.lower():
-                raise DownloadError(f"md5 mismatch for {url}: expected {md5}, got {got}; nothing was kept. "
-                                    f"Download it by hand and put it at {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def safe_extract(archive: str, dest: str) -> None:
@@ -127,12 +68,12 @@ def ensure_cifar(dataset: str, data_dir: str, url: str | None = None, md5: str |
 
 
 def checkpoint_url(model_type: str) -> str:
-    """The official imagenet21k file of a zoo config; our `R50-ViT-B_16` is published as `R50+ViT-B_16`."""
-    return CHECKPOINT_BASE_URL + model_type.replace("R50-ViT", "R50+ViT") + ".npz"
+    """The official imagenet21k file of a zoo name or alias (`R50-ViT-B_16` is published as `R50+ViT-B_16`)."""
+    return sources.locate(sources.default_spec(model_type)).url
 
 
 def ensure_checkpoint(model_type: str, path: str, progress: bool = True) -> str:
-    """`path` if it exists, else the official checkpoint downloaded there."""
-    if os.path.isfile(path):
-        return path
-    return download(checkpoint_url(model_type), path, md5=None, progress=progress)
+    """`path` if it is a file, else the model's imagenet21k checkpoint downloaded there (a non-regular file at
+    `path` is refused, never replaced)."""
+    where = sources.locate(sources.default_spec(model_type))
+    return sources.fetch(sources.Pretrained(where.spec, path, where.url), progress)

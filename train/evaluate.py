@@ -9,13 +9,17 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .args import _Parser, add_flag
-from .checkpointing import restore_for_inference
+from vitcore import labels
+
+from .args import UsageError, _Parser, add_flag
 from .cli import autocast_dtype, run_cli
 from .data import ImageSet, eval_shard, eval_transform, load_split
 from .distributed import all_reduce_sum
+from .official import CHECKPOINT_HELP, restore
 
 __all__ = ["evaluate_model", "main"]
+
+_CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 
 @torch.no_grad()
@@ -47,10 +51,13 @@ def evaluate_model(model: torch.nn.Module, test: ImageSet, img_size: int, batch_
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m train.evaluate", description="Accuracy and loss of a checkpoint on a test set.")
-    add_flag(p, "checkpoint", required=True, help="best.pt or last.pt of a run")
+    add_flag(p, "checkpoint", required=True, help=CHECKPOINT_HELP)
     add_flag(p, "dataset", choices=["cifar10", "cifar100", "imagefolder"], default=None,
-             help="default: the run's dataset")
+             help="default: the run's dataset (cifar10 for an official checkpoint; an ImageNet-1k head reads an "
+                  "imagefolder whose class folders are the wnids, e.g. <data_dir>/test/n01440764/)")
     add_flag(p, "data_dir", default=None, help="default: the run's data_dir")
+    add_flag(p, "model_type", default=None, help="checked against an official checkpoint (its arrays say the model)")
+    add_flag(p, "img_size", type=int, default=None, help="default: the checkpoint's own resolution")
     add_flag(p, "eval_batch_size", type=int, default=64)
     add_flag(p, "precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     add_flag(p, "backend", choices=["auto", "torch", "triton"], default="auto")
@@ -60,14 +67,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    ck, model, img_size, _ = restore_for_inference(args.checkpoint, args.device, backend=args.backend)
+    ck, model, img_size, _ = restore(args.checkpoint, args.device, backend=args.backend, model_type=args.model_type,
+                                     img_size=args.img_size)
     device = next(model.parameters()).device
     run_args = ck.get("args", {})
     dataset = args.dataset or run_args.get("dataset", "cifar10")
     data_dir = args.data_dir or run_args.get("data_dir", "data")
-    test = load_split(dataset, data_dir, train=False, img_size=img_size, classes=ck.get("classes")).to(device)
+    official = "source" in ck  # train.official.restore's info, not a run's checkpoint
+    classes = ck.get("classes")
+    if official and ck["num_classes"] == 1000:  # an ImageNet-1k head: its labels are the wnids in sorted order
+        classes = labels.imagenet1k_wnids()
+
+    def check_head(n: int) -> None:
+        if n != ck["num_classes"]:
+            raise UsageError(f"{args.checkpoint} has a {ck['num_classes']}-class head and {dataset} has {n} classes: "
+                             f"fine-tune it first (python -m train.finetune --pretrained_dir {args.checkpoint} ...)")
+
+    if dataset in _CIFAR_CLASSES:  # known before anything is downloaded
+        check_head(_CIFAR_CLASSES[dataset])
+    test = load_split(dataset, data_dir, train=False, img_size=img_size, classes=classes).to(device)
+    check_head(len(test.classes))
     loss, acc = evaluate_model(model, test, img_size, args.eval_batch_size, args.precision)
-    print(f"{args.checkpoint} (step {ck.get('step')}) on {dataset} test ({len(test)} images): "
+    what = f"{ck['model_type']}, {img_size} px" if official else f"step {ck.get('step')}"
+    print(f"{args.checkpoint} ({what}) on {dataset} test ({len(test)} images): "
           f"accuracy {100 * acc:.2f}%  loss {loss:.4f}")
     return 0
 

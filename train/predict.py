@@ -1,4 +1,8 @@
-"""`python -m train.predict --checkpoint RUN/best.pt img1.png ...`: the top-5 classes of each image."""
+"""`python -m train.predict --checkpoint RUN/best.pt img1.png ...`: the top-5 classes of each image.
+
+`--checkpoint` may also be an official .npz or a named source: `--checkpoint i21k+i1k:ViT-B_16 photo.jpg` prints
+ImageNet-1k class names (see train.official).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .args import _Parser, add_flag
-from .checkpointing import restore_for_inference
+from .args import UsageError, _Parser, add_flag
 from .cli import run_cli
 from .data import eval_transform, load_image
+from .official import CHECKPOINT_HELP, restore
 
 __all__ = ["predict", "main"]
 
@@ -25,10 +29,13 @@ def predict(model: torch.nn.Module, images: torch.Tensor, img_size: int, k: int 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train.predict", description="Top-5 classes per image from a fine-tuned checkpoint.")
-    add_flag(p, "checkpoint", required=True)
+    p = _Parser(prog="python -m train.predict", description="Top-k classes per image from a fine-tuned run or an "
+                "official checkpoint.")
+    add_flag(p, "checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("images", nargs="+", help="image files (any size; resized like the test set)")
-    add_flag(p, "top_k", type=int, default=5)
+    add_flag(p, "top_k", type=int, default=5, help="classes printed per image (default: %(default)s)")
+    add_flag(p, "model_type", default=None, help="checked against an official checkpoint (its arrays say the model)")
+    add_flag(p, "img_size", type=int, default=None, help="default: the checkpoint's own resolution")
     add_flag(p, "backend", choices=["auto", "torch", "triton"], default="auto")
     add_flag(p, "device", default=None)
     return p
@@ -36,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
-    _, model, img_size, classes = restore_for_inference(args.checkpoint, args.device, backend=args.backend)
+    if args.top_k < 1:
+        raise UsageError(f"--top_k {args.top_k}: must be >= 1 (the number of classes printed per image)")
+    _, model, img_size, classes = restore(args.checkpoint, args.device, backend=args.backend,
+                                          model_type=args.model_type, img_size=args.img_size)
     device = next(model.parameters()).device
     for path in args.images:
         # Each file on its own: sizes differ, and the test transform resizes anyway.

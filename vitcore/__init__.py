@@ -6,6 +6,7 @@ from .errors import CheckpointError, NpzError
 from .model import VisionTransformer
 from .npz import load_npz
 from .rollout import attention_rollout
+from .sources import pretrained
 
 __all__ = [
     "CONFIGS",
@@ -18,5 +19,6 @@ __all__ = [
     "get_config",
     "load_npz",
     "load_pretrained",
+    "pretrained",
     "save_npz",
 ]

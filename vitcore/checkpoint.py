@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .config import ViTConfig
 from .errors import CheckpointError, NpzError
 from .fileio import atomic_write
 from .npz import load_npz, npz_index
 from .posembed import resize_pos_embedding
 
-__all__ = ["LoadReport", "load_pretrained", "save_npz", "official_names"]
+__all__ = ["LoadReport", "Architecture", "load_pretrained", "save_npz", "official_names", "read_architecture"]
 
 # Names of an encoder block's sub-modules. linen (today's vit_jax/models_vit.py) numbers
 # sub-modules per type; pre-linen flax.nn numbered them across types in creation order, which is
@@ -212,6 +213,70 @@ def _style(keys: list[str]) -> str:
     return "pre-linen" if any(m in k for k in keys for m in _PRE_LINEN_MARKERS) else "linen"
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """What an official checkpoint's arrays say about its model (`read_architecture`)."""
+
+    config: ViTConfig  # dropout 0 (a file does not record it), gelu "tanh" and eps 1e-6 (every official model)
+    img_size: int  # the resolution its position embeddings were trained at
+    num_classes: int  # the head's outputs
+
+
+def _without_optimizer_prefix(shapes: Mapping[str, tuple[int, ...]]) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """(prefix, shapes by official name): some flax checkpoints store the parameters under the optimizer's target."""
+    prefix = "opt/target/" if shapes and all(k.startswith("opt/target/") for k in shapes) else ""
+    return prefix, {k[len(prefix) :]: v for k, v in shapes.items()}
+
+
+def read_architecture(path_or_arrays: str | os.PathLike | Mapping[str, object]) -> Architecture:
+    """The architecture, resolution and class count of an official checkpoint, from its array shapes alone.
+
+    Reads only the npy headers of a file. The ViT part comes from the embedding, attention and MLP kernels and the
+    number of encoder blocks; a ResNet root from `conv_root` (width) and its `block{i}/unit{j}` arrays (units per
+    stage); the resolution from the position-embedding grid times the input stride. Raises CheckpointError when
+    the arrays are not those of an official ViT.
+    """
+    if isinstance(path_or_arrays, Mapping):
+        what, shapes = "the arrays", {k: tuple(np.shape(v)) for k, v in path_or_arrays.items()}
+    else:
+        what, shapes = os.fspath(path_or_arrays), _npz_index(path_or_arrays)
+    _, shapes = _without_optimizer_prefix(shapes)
+    names = _BLOCK_NAMES[_style(list(shapes))]
+    block0 = "Transformer/encoderblock_0"
+    needed = ("embedding/kernel", "Transformer/posembed_input/pos_embedding", "head/kernel",
+              f"{block0}/{names['attn']}/query/kernel", f"{block0}/{names['mlp']}/Dense_0/kernel")
+    if missing := [k for k in needed if k not in shapes]:
+        raise CheckpointError(f"{what} is not an official ViT checkpoint: no {', '.join(missing)}")
+    patch, _, _, dim = shapes["embedding/kernel"]
+    _, heads, _ = shapes[needed[3]]
+    layers = 0
+    while f"Transformer/encoderblock_{layers}/{names['ln1']}/scale" in shapes:
+        layers += 1
+    resnet_layers, width = None, 1.0
+    if "conv_root/kernel" in shapes:
+        width = shapes["conv_root/kernel"][-1] / 64
+        stages = []
+        while f"block{len(stages) + 1}/unit1/conv1/kernel" in shapes:
+            units = 1
+            while f"block{len(stages) + 1}/unit{units + 1}/conv1/kernel" in shapes:
+                units += 1
+            stages.append(units)
+        resnet_layers = tuple(stages)
+    rep = shapes["pre_logits/kernel"][-1] if "pre_logits/kernel" in shapes else None
+    try:
+        config = ViTConfig(patch_size=patch, hidden_size=dim, mlp_dim=shapes[needed[4]][-1], num_heads=heads,
+                           num_layers=layers, representation_size=rep, classifier="token" if "cls" in shapes else "gap",
+                           resnet_layers=resnet_layers, resnet_width=width)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: its arrays describe no valid ViT ({e})") from None
+    posemb = shapes[needed[1]]
+    grid = posemb[1] - (1 if config.classifier == "token" else 0) if len(posemb) == 3 else 0
+    side = math.isqrt(max(grid, 0))
+    if side == 0 or side * side != grid:
+        raise CheckpointError(f"{what}: position embedding {_fmt(posemb)} holds no square grid of tokens")
+    return Architecture(config, side * config.input_stride, shapes["head/kernel"][-1])
+
+
 def _fmt(shape: tuple[int, ...]) -> str:
     return str(tuple(shape))
 
@@ -316,10 +381,8 @@ def load_pretrained(
     else:
         path = path_or_arrays
         shapes = _npz_index(path)
-    # Some flax checkpoints store the parameters under the optimizer's target.
-    prefix = "opt/target/" if shapes and all(k.startswith("opt/target/") for k in shapes) else ""
-    file_key = {k[len(prefix) :]: k for k in shapes}
-    shapes = {k[len(prefix) :]: s for k, s in shapes.items()}
+    prefix, shapes = _without_optimizer_prefix(shapes)
+    file_key = {k: prefix + k for k in shapes}
 
     rows, to_zero, report = _plan(model, shapes)
     if any(p.is_meta for p in model.parameters()):

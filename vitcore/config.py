@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["ViTConfig", "CONFIGS", "OFFICIAL_NAMES", "ALIASES", "augreg_name", "canonical_name", "get_config"]
+__all__ = ["ViTConfig", "CONFIGS", "OFFICIAL_NAMES", "ALIASES", "augreg_name", "canonical_name", "find_name",
+           "get_config"]
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,14 @@ def canonical_name(name: str) -> str:
 def get_config(name: str) -> ViTConfig:
     """The zoo config called `name`; an unknown name raises listing the valid ones."""
     return CONFIGS[name]
+
+
+def find_name(config: ViTConfig) -> str | None:
+    """The official name of the zoo entry with `config`'s architecture, or None.
+
+    Compared without the training-only rates (dropout) and the representation layer, which the official code
+    adds or drops per task (the i21k files of ViT-B_16 carry one, the zoo entry has none).
+    """
+    free = dict(dropout=0.0, attention_dropout=0.0, representation_size=None)
+    want = config.replace(**free)
+    return next((name for name in OFFICIAL_NAMES if _OFFICIAL[name].replace(**free) == want), None)

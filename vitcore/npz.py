@@ -4,11 +4,30 @@
 from __future__ import annotations
 
 import os
+import stat
+import zipfile
 from collections.abc import Iterable
 
 import torch
 
-__all__ = ["load_npz", "npz_index"]
+from .errors import NpzError
+
+__all__ = ["load_npz", "npz_index", "check_regular_file", "is_npz"]
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Raise NpzError unless `path` is (or links to) a regular file; FileNotFoundError when it does not exist.
+
+    Checked before anything opens the file: opening a FIFO blocks until a writer appears, and a device can
+    stream forever.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = next((what for test, what in _KINDS if test(mode)), "not a file")
+        raise NpzError(f"{os.fsdecode(path)}: not a regular file ({kind}); pass the path of the .npz file itself")
 
 
 def load_npz(
@@ -37,14 +56,16 @@ def load_npz(
 
     Raises:
         vitcore.NpzError: the file is not a readable npz (the message names the file, the member
-            and the problem); object arrays (pickles) are refused, never unpickled.
-        OSError: the file cannot be opened.
+            and the problem); object arrays (pickles) are refused, never unpickled; a FIFO, device or
+            directory is refused before it is opened.
+        OSError: the file cannot be opened (FileNotFoundError when it does not exist).
     """
     # Imported here so that `import vitcore` works (e.g. for linting) before the build.
     from . import _C
 
     if isinstance(keys, (str, bytes)):
         raise TypeError(f"keys must be a collection of names, not a single {type(keys).__name__}: {keys!r}")
+    check_regular_file(path)
     names = None if keys is None else [str(k) for k in keys]
     # Bytes, so that any file name the OS allows (even undecodable ones) reaches C++ unchanged.
     pairs = _C.load_npz(os.fsencode(path), names, bool(verify))
@@ -67,4 +88,21 @@ def npz_index(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], torch
     """
     from . import _C
 
+    check_regular_file(path)
     return {key: (tuple(shape), getattr(torch, dtype)) for key, shape, dtype in _C.npz_index(os.fsencode(path))}
+
+
+def is_npz(path: str | os.PathLike) -> bool:
+    """Whether `path` is a regular file holding an npz archive (a zip whose members are all `.npy` arrays).
+
+    Decided by the contents, not the name: a `torch.save` file is a zip too, but of `data.pkl` and tensor blobs.
+    Reads the zip directory only.
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode) or not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
