@@ -223,9 +223,10 @@ def _gpu_configs() -> list[triton.Config]:
 
     # Few on purpose: each costs a compile (about a second) and a benchmark per GEMM role the first time a shape is
     # seen. Left out because they cannot win (benchmarks/kernel_resources.py, sm_90, Triton 3.6 and 3.9, at ViT-B/L/H
-    # shapes): 128x256x64 on 8 warps (255 registers, spills 20-68 B in every role, and its 144-162 KiB of shared
-    # memory leave one block per SM) and 128x128x64 on 4 warps (255 registers, spills 4-120 B; the same tile on
-    # 8 warps below needs 134-172 registers, does the same MMA work per tile and does not spill).
+    # shapes): 128x256x64 on 8 warps (spills 20-68 B in the forward, whose GELU epilogue needs registers, sits at
+    # 243-255 registers in the dX/dW roles, and its 144-164 KiB of shared memory leave one block per SM) and
+    # 128x128x64 on 4 warps (255 registers, spills 4-120 B in every role; the same tile on 8 warps below needs
+    # 134-172 registers, does the same MMA work per tile and does not spill).
     return [
         cfg(128, 128, 64, 8, 4),
         cfg(64, 128, 64, 4, 4),
