@@ -130,10 +130,10 @@ def test_fewshot_cli_on_an_official_npz_keeps_its_pre_logits(data, capsys, monke
     monkeypatch.setattr(fewshot, "extract_features", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     argv = ["--checkpoint", path, "--dataset", "cifar10", "--data_dir", str(data / "data"), "--shots", "2",
             "--seeds", "1", "--output", str(data / "npz.csv"), "--img_size", "32", "--device", "cpu"]
-    assert fewshot.main(argv + ["--model_type", "testing"]) == 0
+    assert fewshot.main(argv) == 0  # the arrays say the model: no --model_type needed
     assert seen and all(f.shape[1] == 6 for f in seen)  # pre_logits width, not the hidden size 10
     assert len(_read(data / "npz.csv")) == 1
     capsys.readouterr()
-    assert fewshot.main(argv) == 2
+    assert fewshot.main(argv + ["--shots", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("train.fewshot: error: ") and "--model_type" in err and "\n" not in err
+    assert err.startswith("train.fewshot: error: ") and "--shots" in err and "\n" not in err

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from collections.abc import Sequence
 
@@ -22,14 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import vitcore
 from vitcore.fileio import atomic_write
-from vitcore.npz import npz_index
 
 from .args import UsageError, _Parser, add_flag
-from .checkpointing import restore_for_inference
 from .cli import autocast_dtype, run_cli
 from .data import ImageSet, eval_transform, load_split
+from .official import CHECKPOINT_HELP, restore
 
 __all__ = ["BIAS_CONSTANT", "L2_REG", "class_balanced_subset", "fit_least_squares", "fewshot_accuracy",
            "extract_features", "main"]
@@ -104,35 +101,6 @@ def extract_features(model: nn.Module, images: torch.Tensor, img_size: int, batc
     return torch.cat(out)
 
 
-def _load_model(args: argparse.Namespace, device: str | None) -> tuple[nn.Module, int]:
-    """A train.finetune checkpoint (.pt) or an official .npz (with --model_type; its pre_logits kept)."""
-    if not args.checkpoint.endswith(".npz"):
-        _, model, img_size, _ = restore_for_inference(args.checkpoint, device, backend=args.backend)
-        return model, img_size
-    if args.model_type is None:
-        raise UsageError(f"--checkpoint {args.checkpoint} is an official .npz: pass --model_type (e.g. ViT-B_16)")
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    try:
-        cfg = vitcore.CONFIGS[args.model_type]
-    except KeyError as e:
-        raise UsageError(str(e.args[0] if e.args else e)) from None
-    shapes = {k.removeprefix("opt/target/"): v[0] for k, v in npz_index(args.checkpoint).items()}
-    # The paper's few-shot features of an i21k model are its pre-logits: keep that layer from the file.
-    if "pre_logits/kernel" in shapes and cfg.representation_size is None:
-        cfg = cfg.replace(representation_size=shapes["pre_logits/kernel"][-1])
-    head = shapes.get("head/kernel")
-    img_size = args.img_size or 224
-    if img_size % cfg.input_stride:
-        raise UsageError(f"--img_size {img_size} is not a multiple of {args.model_type}'s input stride "
-                         f"{cfg.input_stride}")
-    model = vitcore.VisionTransformer(cfg, img_size=img_size, num_classes=head[-1] if head else 1,
-                                      backend=args.backend)
-    vitcore.load_pretrained(model, args.checkpoint)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(dev).eval(), img_size
-
-
 def evaluate_fewshot(model: nn.Module, img_size: int, train: ImageSet, test: ImageSet, shots: Sequence[int],
                      seeds: int, l2_reg: float = L2_REG, batch_size: int = 64, precision: str = "fp32"
                      ) -> dict[int, list[float]]:
@@ -156,14 +124,14 @@ def evaluate_fewshot(model: nn.Module, img_size: int, train: ImageSet, test: Ima
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m train.fewshot",
                 description="Few-shot linear accuracy of frozen pre-logits features (ViT paper / big_vision).")
-    add_flag(p, "checkpoint", required=True, help="a train.finetune best.pt/last.pt, or an official .npz")
+    add_flag(p, "checkpoint", required=True, help=CHECKPOINT_HELP)
     add_flag(p, "dataset", required=True, help="cifar10, cifar100 or imagefolder")
     add_flag(p, "data_dir", default="data")
     add_flag(p, "shots", type=int, nargs="+", default=[1, 5, 10, 25])
     add_flag(p, "seeds", type=int, default=3, help="subsets drawn per shot count (seeds 0..N-1)")
     add_flag(p, "l2_reg", type=float, default=L2_REG, help="ridge strength (big_vision: 2^10)")
-    add_flag(p, "model_type", default=None, help="for an .npz checkpoint")
-    add_flag(p, "img_size", type=int, default=None, help="for an .npz checkpoint (default 224)")
+    add_flag(p, "model_type", default=None, help="checked against an official checkpoint (its arrays say the model)")
+    add_flag(p, "img_size", type=int, default=None, help="default: the checkpoint's own resolution")
     add_flag(p, "batch_size", type=int, default=64)
     add_flag(p, "precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     add_flag(p, "backend", choices=["auto", "torch", "triton"], default="auto")
@@ -177,7 +145,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if min(args.shots) < 1 or args.seeds < 1 or args.batch_size < 1 or args.l2_reg < 0:
         raise UsageError("--shots, --seeds and --batch_size must be >= 1 and --l2_reg >= 0")
     shots = sorted(set(args.shots))
-    model, img_size = _load_model(args, args.device)
+    # An official file keeps its pre_logits (the paper's few-shot features of an i21k model are those).
+    _, model, img_size, _ = restore(args.checkpoint, args.device, backend=args.backend, model_type=args.model_type,
+                                    img_size=args.img_size)
     try:
         train = load_split(args.dataset, args.data_dir, True, img_size)
         test = load_split(args.dataset, args.data_dir, False, img_size, classes=train.classes)
