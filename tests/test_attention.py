@@ -225,7 +225,7 @@ def _all_gpu_configs():
 @pytest.mark.parametrize("kind,config", _all_gpu_configs())
 def test_gpu_block_configs(kind, config):
     """The GPU's block shapes (larger than the interpreter's default) are correct too: run each one in the
-    interpreter, at a length no block divides and with head_dim 80 padded to 128. (On CUDA, fp32 at the
+    interpreter, at a length no block divides and with head_dim 80 (two column parts, 64 + 16). (On CUDA, fp32 at the
     largest of them would exceed shared memory; there the heuristic runs in every test, the autotuned
     choice in test_autotuned_configs_gpu.)"""
     gen = torch.Generator().manual_seed(7)
