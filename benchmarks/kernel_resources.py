@@ -16,7 +16,8 @@ the installed Triton. Triton's cache points at a fresh folder, so compile second
 Columns:
     kernel, where   the Triton kernel and the (model, pass, dtype) launches that compiled it (a compile shared by
                     several launches is listed once); src: "def" = the launcher's default, "tune" = autotune config
-    tile            the block constexprs (BLOCK_M x BLOCK_N [x BLOCK_K], ROWS x BLOCK_N, ...), d = head-dim parts
+    tile            the block constexprs (BLOCK_M x BLOCK_N [x BLOCK_K], BLOCK_G x BLOCK_N, ROWS), d = attention's
+                    head-dim parts, n = LayerNorm's column parts (e.g. "4 n512+256": 4 rows of 768 as 512 + 256)
     w, st           num_warps, num_stages
     regs, spill     registers per thread and spill bytes (stores/loads) from ptxas -v
     smem            shared memory per block (KiB)
