@@ -237,6 +237,53 @@ def test_save_npz_round_trips_exactly_with_official_names(tmp_path, cfg, compres
         assert torch.equal(a, b), name
 
 
+def _fine_tuned(cfg, img, tmp_path):
+    """A model fine-tuned as train.finetune does it: an i21k-style file (pre_logits, 21843 classes) loaded into a
+    10-class model (zero head, pre_logits dropped), then SGD steps that move every parameter."""
+    params = ref.random_params(cfg.replace(representation_size=cfg.hidden_size), img, 21843,
+                               np.random.default_rng(11), gn_4d=cfg.is_hybrid)
+    model = VisionTransformer(cfg, img_size=img, num_classes=10, backend="torch")
+    vitcore.load_pretrained(model, write(tmp_path / "i21k.npz", params))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.manual_seed(0)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, img, img)), torch.randint(0, 10, (4,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("cfg, img", [(SMALL, 32), (ROOT_ONLY, 16), (R26_LIKE, 64)])
+def test_save_npz_of_a_fine_tuned_model_round_trips_exactly(tmp_path, cfg, img):
+    model = _fine_tuned(cfg, img, tmp_path)
+    assert model.head.weight.abs().sum() > 0  # training moved the zero-initialised head
+    path = vitcore.save_npz(model, tmp_path / "fine_tuned.npz")
+    clone = VisionTransformer(cfg, img_size=img, num_classes=10, backend="torch").eval()
+    report = vitcore.load_pretrained(clone, path)
+    assert not report.resized and not report.reinitialized and not report.skipped
+    for (name, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("cfg, img", [(SMALL, 32), (ROOT_ONLY, 16), (R26_LIKE, 64)])
+def test_save_npz_of_a_fine_tuned_model_runs_in_flax(tmp_path, cfg, img):
+    """Into the official architecture built from flax.linen's own layers, where flax is installed (not in CI)."""
+    pytest.importorskip("flax")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    model = _fine_tuned(cfg, img, tmp_path)
+    path = vitcore.save_npz(model, tmp_path / "fine_tuned.npz")
+    from flax.traverse_util import unflatten_dict
+
+    with np.load(path, allow_pickle=False) as f:
+        tree = unflatten_dict({tuple(k.split("/")): f[k] for k in f.files})
+    x = np.random.default_rng(2).standard_normal((2, img, img, 3)).astype(np.float32)  # NHWC, as JAX
+    want = np.asarray(ref.flax_vit(cfg, num_classes=10).apply({"params": tree}, x), dtype=np.float64)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).double().numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
 def test_save_npz_is_atomic(tmp_path, monkeypatch):
     model = VisionTransformer(SMALL, img_size=32, num_classes=4)
     target = tmp_path / "m.npz"

@@ -102,3 +102,39 @@ def test_official_layout_checkpoint_of_each_entry_matches_the_float64_reference(
     with torch.no_grad():
         got = model.double()(torch.from_numpy(images)).numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-10
+
+
+@pytest.mark.parametrize("name", [n for n in OFFICIAL_NAMES if vitcore.CONFIGS[n].is_hybrid] + ["ViT-B_8"])
+def test_each_hybrid_matches_real_flax_modules_in_float64(name):
+    """Where flax is installed (not in CI): flax.linen's own conv, max-pool and GroupNorm decide the grid and the
+    parameter shapes (R+ViT-Ti_16's 7x7 tokens at 224 px among them), and the outputs agree. In float64 on both
+    sides: through R50+ViT-L_32's 16 units at a 2x2 grid float32 alone is 1e-4 off (flax 2.6e-4, vitcore 8e-5)."""
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    pytest.importorskip("flax")
+    import jax
+
+    try:  # jax >= 0.8; older releases had it under jax.experimental
+        enable_x64 = jax.enable_x64
+    except AttributeError:
+        from jax.experimental import enable_x64
+
+    cfg, img = _reference_case(name)
+    module = ref.flax_vit(cfg, num_classes=5)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    x = rng.standard_normal((1, img, img, 3))
+    params = module.init(jax.random.PRNGKey(0), x.astype(np.float32))["params"]
+    params = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float64) + 0.1 * rng.standard_normal(p.shape), params)
+    official = ref.flax_params_to_official(params)  # float32, as a checkpoint stores them
+    assert {k: v.shape for k, v in official.items()} == {
+        k: v.shape for k, v in ref.random_params(cfg, img, 5, rng).items()}
+    params = jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32).astype(np.float64), params)
+    with enable_x64():
+        want = np.asarray(module.apply({"params": params}, x))
+    assert want.dtype == np.float64
+    model = VisionTransformer(cfg, img_size=img, num_classes=5, backend="torch").eval()
+    assert not vitcore.load_pretrained(model, official).resized  # flax's grid is vitcore's
+    with torch.no_grad():
+        got = model.double()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-10
