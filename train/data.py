@@ -3,12 +3,15 @@
 CIFAR is small (150 MB as uint8), so the whole set lives on the training device and every transform runs on
 whole batches there: the input pipeline never waits on CPU workers. Randomness is a pure function of
 (seed, step), so a resumed or multi-process run sees exactly the batches of an uninterrupted single run.
+Every other dataset streams from its files (train.streaming) with the same sampler and the same crop draws;
+both kinds of split offer the same interface (len, labels, classes, subset, to, eval_batches, train_batches).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,11 +22,15 @@ from .safe_pickle import safe_load
 
 __all__ = [
     "CIFAR10_CLASSES",
+    "IMAGE_EXTENSIONS",
     "ImageSet",
+    "ResidentStepBatch",
     "load_cifar",
     "load_imagefolder",
     "load_image",
     "StepSampler",
+    "crop_draws",
+    "crop_boxes",
     "crop_params",
     "augment_batch",
     "eval_transform",
@@ -33,7 +40,7 @@ __all__ = [
 ]
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -47,8 +54,52 @@ class ImageSet:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
     def to(self, device: torch.device | str) -> ImageSet:
         return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+    def subset(self, idx: np.ndarray | torch.Tensor) -> ImageSet:
+        """The examples at positions `idx` (a copy)."""
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.int64, device=self.images.device)
+        return ImageSet(self.images[idx], self.labels[idx], self.classes)
+
+    def eval_batches(self, img_size: int, batch_size: int, rank: int = 0, world: int = 1
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's evaluation batches: (b, 3, S, S) float32 resized and normalised, (b,) labels; every example
+        exactly once across ranks."""
+        idx = eval_shard(len(self), rank, world).to(self.images.device)
+        for start in range(0, idx.numel(), batch_size):
+            chunk = idx[start:start + batch_size]
+            yield eval_transform(self.images[chunk], img_size), self.labels[chunk]
+
+    def train_batches(self, global_batch: int, rank: int, world: int, seed: int, img_size: int, flip: bool,
+                      first_step: int, last_step: int) -> Iterator[ResidentStepBatch]:
+        """Steps first_step..last_step: this rank's share of each global batch, augmented on the device."""
+        sampler = StepSampler(len(self), global_batch, seed)
+        per_rank = global_batch // world
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's shard of the global batch
+        height, width = self.images.shape[-2:]
+        for step in range(first_step, last_step + 1):
+            idx = sampler.indices(step)  # (global_batch,) the same on every rank
+            boxes, flips = crop_params(global_batch, height, width, seed, step, flip=flip)
+            yield ResidentStepBatch(step, self, idx[mine].to(self.images.device), boxes[mine], flips[mine], img_size)
+
+
+class ResidentStepBatch:
+    """One process's share of a step of an ImageSet: indices, crop boxes and flips; pixels made per micro-batch."""
+
+    def __init__(self, step: int, data: ImageSet, idx: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                 img_size: int) -> None:
+        self.step, self.data, self.idx, self.boxes, self.flips, self.img_size = step, data, idx, boxes, flips, img_size
+
+    def micro(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model input (m, 3, S, S) float32 and labels (m,) of the micro-batch `part`."""
+        idx = self.idx[part]
+        x = augment_batch(self.data.images[idx], self.boxes[part], self.flips[part], self.img_size)  # (m, 3, S, S)
+        return x, self.data.labels[idx]
 
 
 def _read_batch(path: str) -> dict:
@@ -86,48 +137,31 @@ def load_cifar(root: str, dataset: str, train: bool) -> ImageSet:
 
 
 def load_image(path: str, size: int | None = None) -> torch.Tensor:
-    """One image file as (3, H, W) uint8 RGB; resized to (size, size) when given."""
-    from PIL import Image
+    """One image file as (3, H, W) uint8 RGB, upright (EXIF orientation applied); resized to (size, size) when
+    given (bilinear, antialiased)."""
+    from .streaming import decode_box, decode_rgb, open_image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
-
-
-def _has_images(folder: str) -> bool:
-    return any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder))
+    if size is None:
+        arr = decode_rgb(path)
+    else:
+        im, width, height, orientation = open_image(path)
+        with im:
+            arr = decode_box(im, orientation, (0, 0, width, height), size)
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W); a writable copy
 
 
 def load_imagefolder(root: str, split: str, size: int, classes: list[str] | None = None) -> ImageSet:
-    """`root/<split>/<class>/*.jpg|png`, each image resized to size x size (kept in memory as uint8)."""
-    base = os.path.join(root, split)
-    if not os.path.isdir(base):
-        raise FileNotFoundError(f"image folder {base} does not exist (expected {root}/{{train,test}}/<class>/*.jpg)")
-    found = sorted(e.name for e in os.scandir(base) if e.is_dir())
-    if classes is None:
-        classes = found
-    elif extra := [c for c in found if c not in classes and _has_images(os.path.join(base, c))]:
-        # Skipping them would silently evaluate on part of the test set.
-        from .args import UsageError
+    """`root/<split>/<class>/*.jpg|png`, each image resized to size x size and kept in memory as uint8 (for small
+    folders and feature extraction; training streams them instead: train.streaming)."""
+    from .datasets import index_folder
 
-        raise UsageError(f"{base} has class folders the model was not trained on: {', '.join(extra[:5])}"
-                         f"{' ...' if len(extra) > 5 else ''} (its classes: {', '.join(classes[:10])}"
-                         f"{' ...' if len(classes) > 10 else ''})")
-    images, labels = [], []
-    for k, cls in enumerate(classes):
-        folder = os.path.join(base, cls)
-        if not os.path.isdir(folder):
-            continue
-        for fname in sorted(os.listdir(folder)):
-            if fname.lower().endswith(IMAGE_EXTENSIONS):
-                images.append(load_image(os.path.join(folder, fname), size))
-                labels.append(k)
-    if not images:
-        raise FileNotFoundError(f"no images under {base}/<class>/")
-    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), classes)
+    index, classes = index_folder(root, split, classes)
+    return _materialize(index, classes, size)
+
+
+def _materialize(index, classes: list[str], size: int) -> ImageSet:
+    images = torch.stack([load_image(index.path(i), size) for i in range(len(index))])  # (N, 3, size, size)
+    return ImageSet(images, torch.from_numpy(index.labels.copy()), classes)
 
 
 def _generator(seed: int, stream: int, index: int) -> torch.Generator:
@@ -167,46 +201,74 @@ class StepSampler:
         return out
 
 
-def crop_params(n: int, height: int, width: int, seed: int, step: int, scale: tuple[float, float] = (0.05, 1.0),
-                ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False, attempts: int = 10
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RandomResizedCrop boxes for a whole batch, as torchvision samples them (`attempts` tries, first valid
-    one wins, else the central crop of clamped ratio), plus flip signs.
+CROP_ATTEMPTS = 10
+
+
+def crop_draws(n: int, seed: int, step: int, scale: tuple[float, float] = (0.05, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False, attempts: int = CROP_ATTEMPTS
+               ) -> torch.Tensor:
+    """The random numbers behind a batch's RandomResizedCrop boxes and flips, before any image size is known.
+
+    Returns (n, 2 * attempts + 3) float32: per try the area fraction (in `scale`) and the log aspect (in `ratio`),
+    then two offset uniforms and a flip uniform (1.0, i.e. no flip, when `flip` is off). A pure function of
+    (seed, step): row i is the same whichever process or worker computes it, so a streamed batch can take its
+    rows' boxes from each file's own size (crop_boxes) and a GPU-resident one from the common size.
+    """
+    g = _generator(seed, 2, step)
+    frac = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)  # (n, attempts)
+    log_r = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    u = torch.rand(n, 2, generator=g)
+    flip_u = torch.rand(n, 1, generator=g) if flip else torch.ones(n, 1)
+    return torch.cat([frac, log_r, u, flip_u], dim=1)
+
+
+def crop_boxes(draws: torch.Tensor, height: int | torch.Tensor, width: int | torch.Tensor,
+               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop boxes from `draws` (crop_draws rows) for images of `height` x `width` (ints, or (n,)
+    tensors: one size per row), as torchvision samples them: the first valid try wins, else the central crop of
+    clamped ratio.
 
     Returns boxes (n, 4) float as (x0, y0, w, h) in pixels and flips (n,) of +1/-1.
     """
-    g = _generator(seed, 2, step)
-    area = float(height * width)
-    target = area * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)  # (n, attempts)
-    log_r = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
-    aspect = torch.exp(log_r)
+    n, attempts = draws.shape[0], (draws.shape[1] - 3) // 2
+    height = torch.as_tensor(height, dtype=torch.float64).expand(n)
+    width = torch.as_tensor(width, dtype=torch.float64).expand(n)
+    area = (height * width).to(torch.float32)[:, None]  # exact below 2^24 pixels
+    target = area * draws[:, :attempts]  # (n, attempts)
+    aspect = torch.exp(draws[:, attempts:2 * attempts])
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, attempts)
+    hf, wf = height.to(torch.float32)[:, None], width.to(torch.float32)[:, None]
+    valid = (w > 0) & (w <= wf) & (h > 0) & (h <= hf)  # (n, attempts)
     first = torch.argmax(valid.to(torch.int8), dim=1)  # index of the first valid try (0 when none)
     any_valid = valid.any(dim=1)
     w = w.gather(1, first[:, None]).squeeze(1)
     h = h.gather(1, first[:, None]).squeeze(1)
-    # Fallback: central crop with the aspect clamped into `ratio` (the whole image for a square one).
+    # Fallback: central crop with the aspect clamped into `ratio` (the whole image for a square one), in float64
+    # as Python computes it for one image.
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    w = torch.where(any_valid, w, torch.full_like(w, fw))
-    h = torch.where(any_valid, h, torch.full_like(h, fh))
-    u = torch.rand(n, 2, generator=g)
+    fw = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fh = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    w = torch.where(any_valid, w, fw.to(torch.float32))
+    h = torch.where(any_valid, h, fh.to(torch.float32))
+    u = draws[:, 2 * attempts:2 * attempts + 2]
     # Offsets uniform over the integers 0..W-w (and 0..H-h) as torch.randint(0, W - w + 1) would draw.
-    x0 = torch.floor(u[:, 0] * (width - w + 1))
-    y0 = torch.floor(u[:, 1] * (height - h + 1))
-    x0 = torch.where(any_valid, x0, torch.full_like(x0, (width - fw) // 2))
-    y0 = torch.where(any_valid, y0, torch.full_like(y0, (height - fh) // 2))
-    flips = torch.ones(n)
-    if flip:
-        flips = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    x0 = torch.floor(u[:, 0] * (wf[:, 0] - w + 1))
+    y0 = torch.floor(u[:, 1] * (hf[:, 0] - h + 1))
+    x0 = torch.where(any_valid, x0, torch.floor((width - fw) / 2).to(torch.float32))
+    y0 = torch.where(any_valid, y0, torch.floor((height - fh) / 2).to(torch.float32))
+    flips = torch.where(draws[:, -1] < 0.5, -1.0, 1.0)
     return torch.stack([x0, y0, w, h], dim=1), flips
+
+
+def crop_params(n: int, height: int, width: int, seed: int, step: int, scale: tuple[float, float] = (0.05, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False, attempts: int = CROP_ATTEMPTS
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop boxes and flip signs for a batch of n images of one size: crop_boxes(crop_draws(...)).
+
+    Returns boxes (n, 4) float as (x0, y0, w, h) in pixels and flips (n,) of +1/-1.
+    """
+    return crop_boxes(crop_draws(n, seed, step, scale, ratio, flip, attempts), height, width, ratio)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -257,14 +319,15 @@ def eval_shard(n: int, rank: int, world: int) -> torch.Tensor:
 
 def load_split(dataset: str, data_dir: str, train: bool, img_size: int, classes: list[str] | None = None,
                download: bool = True, progress: bool = True) -> ImageSet:
-    """One split of `dataset`: CIFAR (downloaded into data_dir when missing) or an image folder."""
-    if dataset in ("cifar10", "cifar100"):
-        from .download import CIFAR, ensure_cifar
+    """One split of `dataset` held in memory: CIFAR (downloaded into data_dir when missing) or any other
+    dataset of train.datasets with each image resized to img_size (for modest sizes: feature extraction)."""
+    from .datasets import DATASETS, open_split, prepare_data
 
-        root = os.path.join(data_dir, CIFAR[dataset][2])
-        if download:
-            root = ensure_cifar(dataset, data_dir, progress=progress)
-        return load_cifar(root, dataset, train)
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}")
+    if download:
+        prepare_data(dataset, data_dir, progress=progress)
     if dataset == "imagefolder":
         return load_imagefolder(data_dir, "train" if train else "test", img_size, classes)
-    raise ValueError(f"unknown dataset {dataset!r}")
+    split = open_split(dataset, data_dir, "train" if train else "test", classes)
+    return split if isinstance(split, ImageSet) else _materialize(split.index, split.classes, img_size)
