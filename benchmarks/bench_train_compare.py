@@ -131,11 +131,9 @@ def time_steps(step: Callable[[torch.Tensor, torch.Tensor], None], x: torch.Tens
 
 
 def _flops():
-    # FLOPs and peaks are shared with the fine-tune's MFU line; vitcore.flops once the train-core move lands.
-    try:
-        from vitcore import flops
-    except ImportError:
-        from train import flops
+    # FLOPs and peaks are shared with the fine-tune's MFU line.
+    from vitcore import flops
+
     return flops
 
 

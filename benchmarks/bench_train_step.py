@@ -5,8 +5,9 @@ synthetic images: img/s and MFU per backend, on the GPU named in the output.
     python -m benchmarks.bench_train_step --quick    # ViT-B_16, 224 px, batch 256, bf16; torch, triton, compile
 
 Backends: `torch` (plain PyTorch ops), `triton` (vitcore's fused kernels), `compile` (torch.compile of the
-torch backend). MFU counts matmul/conv FLOPs from the config (train.flops: 3x forward) against the GPU's
-dense peak at that precision. Target on H100 bf16, ViT-B_16 at 224: triton >= 1.25x torch and >= 50% MFU.
+torch backend). MFU counts the FLOPs of the model's forward and backward (vitcore.flops, counted on the model)
+against the GPU's dense peak at that precision. Target on H100 bf16, ViT-B_16 at 224: triton >= 1.25x torch and
+>= 50% MFU.
 Exits 0 with a message where there is no CUDA device. Rows go to <results>/bench_train_step.csv.
 """
 
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 
 import vitcore
 from benchmarks.common import device_name, print_table, require_cuda, results_dir, write_csv
-from train.cli import autocast_dtype
-from train.flops import mfu, train_flops
+from vitcore.flops import mfu, train_flops
+from vitcore.precision import autocast_dtype
 
 
 def build_step(cfg: vitcore.ViTConfig, img_size: int, num_classes: int, backend: str, precision: str):

@@ -20,9 +20,11 @@ def test_extension_imports():
     assert _C.__doc__
 
 
-def _top_level_imports(package: str) -> set[str]:
+def _top_level_imports(package: str, skip: tuple[str, ...] = ()) -> set[str]:
     names = set()
     for path in (ROOT / package).rglob("*.py"):
+        if path.name in skip:
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}
@@ -38,3 +40,9 @@ def _top_level_imports(package: str) -> set[str]:
 def test_data_flows_one_way(package, forbidden):
     # DESIGN.md: train/ imports vitcore/; vitcore/ imports kernels/; kernels/ imports only torch and triton.
     assert not (_top_level_imports(package) & forbidden)
+
+
+def test_benchmarks_import_train_only_to_measure_it():
+    # What benchmarks and train both need (FLOPs, precisions) lives in vitcore/; the input-pipeline benchmark
+    # measures train's own data path, so it is the one that may import it.
+    assert "train" not in _top_level_imports("benchmarks", skip=("bench_input_pipeline.py",))

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Sequence
 
 import vitcore
+from vitcore.ops import BACKENDS
+from vitcore.precision import PRECISIONS
 
 __all__ = ["build_parser", "parse_args", "add_flag", "UsageError"]
 
@@ -53,10 +55,10 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     add_flag(p, "max_grad_norm", type=float, default=1.0, help="global-norm clipping; 0 disables")
     add_flag(p, "gradient_accumulation_steps", type=int, default=1)
     add_flag(p, "seed", type=int, default=42)
-    add_flag(p, "precision", choices=["fp32", "bf16", "fp16"], default=None,
+    add_flag(p, "precision", choices=PRECISIONS, default=None,
              help="default: bf16 on CUDA with bf16 support, else fp32")
     p.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="alias of --precision fp16")
-    add_flag(p, "backend", choices=["auto", "torch", "triton"], default="auto")
+    add_flag(p, "backend", choices=BACKENDS, default="auto")
     add_flag(p, "augment", choices=["inception", "official"], default="inception",
              help="inception: RandomResizedCrop(0.05-1); official: the same plus a 50%% horizontal flip")
     add_flag(p, "dropout", type=float, default=None, help="override the config's dropout (default: the config's)")

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "model_from_checkpoint"]
+from vitcore.fileio import atomic_write
+
+__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "restore_for_inference"]
 
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename: `path` is always a whole checkpoint."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save through vitcore.fileio.atomic_write: `path` is always a whole checkpoint."""
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -42,20 +32,6 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         # Includes a pickle asking for a global outside the weights-only allow-list: refused, not run.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path} is not a loadable training checkpoint: {first}") from None
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG states as tensors (weights_only-loadable): torch CPU and every CUDA device."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def model_from_checkpoint(ck: dict[str, Any], backend: str = "auto") -> tuple[torch.nn.Module, int]:

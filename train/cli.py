@@ -11,7 +11,7 @@ from .args import UsageError
 from .download import DownloadError
 from .safe_pickle import UnsafePickleError
 
-__all__ = ["TrainingError", "one_line", "run_cli", "autocast_dtype"]
+__all__ = ["TrainingError", "one_line", "run_cli"]
 
 
 class TrainingError(RuntimeError):
@@ -39,8 +39,3 @@ def run_cli(prog: str, fn: Callable[[], int]) -> int:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 1
 
-
-def autocast_dtype(precision: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

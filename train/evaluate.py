@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from vitcore import labels
+from vitcore.precision import autocast_dtype
 
 from .args import UsageError, _Parser, add_flag
-from .cli import autocast_dtype, run_cli
+from .cli import run_cli
 from .data import ImageSet, eval_shard, eval_transform, load_split
 from .distributed import all_reduce_sum
 from .official import CHECKPOINT_HELP, restore

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from vitcore.fileio import atomic_write
+from vitcore.precision import autocast_dtype
 
 from .args import UsageError, _Parser, add_flag
-from .cli import autocast_dtype, run_cli
+from .cli import run_cli
 from .data import ImageSet, eval_transform, load_split
 from .official import CHECKPOINT_HELP, restore
 

@@ -12,7 +12,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,15 +21,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vitcore
+from vitcore.flops import mfu
+from vitcore.precision import autocast_dtype
 
 from . import distributed
 from .args import UsageError, parse_args
-from .checkpointing import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .cli import TrainingError, autocast_dtype, one_line, run_cli
+from .checkpointing import load_checkpoint, save_checkpoint
+from .cli import TrainingError, one_line, run_cli
 from .data import ImageSet, StepSampler, augment_batch, crop_params, load_split
 from .download import CIFAR, ensure_checkpoint, ensure_cifar
 from .evaluate import evaluate_model
-from .flops import mfu
 from .metrics import MetricsLogger, plot_curves, write_args_json
 from .schedule import WarmupDecaySchedule
 
@@ -92,8 +94,12 @@ def _load_data(args: argparse.Namespace, dist: distributed.DistInfo) -> tuple[Im
 def _build_model(args: argparse.Namespace, cfg: vitcore.ViTConfig, num_classes: int,
                  dist: distributed.DistInfo, load: bool = True) -> tuple[torch.nn.Module, str | None]:
     torch.manual_seed(args.seed)  # the same initial head (and scratch weights) on every rank
-    model = vitcore.VisionTransformer(cfg, img_size=args.img_size, num_classes=num_classes, backend=args.backend)
     path = _pretrained_path(args)
+    # load_pretrained writes every parameter (loaded, resized, or a zeroed head): build on the meta device rather
+    # than initialise ViT-H on the CPU only to overwrite it; it materialises the model before copying.
+    build_on = torch.device("meta") if path is not None and load else None
+    with build_on or contextlib.nullcontext():
+        model = vitcore.VisionTransformer(cfg, img_size=args.img_size, num_classes=num_classes, backend=args.backend)
     if path is not None and load:
         if dist.local_rank == 0:  # one download per node, as for the data
             ensure_checkpoint(args.model_type, path, progress=dist.is_main and not args.no_progress)
@@ -108,27 +114,278 @@ def _build_model(args: argparse.Namespace, cfg: vitcore.ViTConfig, num_classes: 
     return model.to(dist.device), path
 
 
-def _checkpoint_state(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      schedule: WarmupDecaySchedule, scaler: torch.amp.GradScaler, cfg: vitcore.ViTConfig,
-                      args: argparse.Namespace, train_set: ImageSet, best: tuple[float, int]) -> dict[str, Any]:
+# ---------------------------------------------------------------- the run's state
+
+
+@dataclass
+class RunPlan:
+    """What the command line asks for, checked, before anything is built or read."""
+
+    args: argparse.Namespace
+    dist: distributed.DistInfo
+    cfg: vitcore.ViTConfig
+    precision: str
+    accum: int  # micro-batches per optimizer step
+    per_rank: int  # images per process per optimizer step
+    micro: int  # images per process per micro-batch
+    run_dir: str
+    resume: dict[str, Any] | None  # last.pt's contents when resuming
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.run_dir, "last.pt")
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.run_dir, "best.pt")
+
+
+@dataclass
+class Run:
+    """Everything the steps share; `step` is the last completed optimizer step."""
+
+    plan: RunPlan
+    train_set: ImageSet
+    eval_set: ImageSet
+    model: torch.nn.Module
+    ddp: torch.nn.Module  # the model, wrapped for DDP when there are several processes
+    optimizer: torch.optim.Optimizer
+    schedule: WarmupDecaySchedule
+    scaler: torch.amp.GradScaler
+    pretrained: str | None
+    step: int = 0
+    best: tuple[float, int] = (-1.0, 0)  # (accuracy, step)
+    last_eval: tuple[float, float] = (math.nan, math.nan)  # (loss, accuracy)
+    logger: MetricsLogger | None = None
+    bar: Any = None
+    t_start: float = field(default_factory=time.time)
+    train_time: float = 0.0
+    images_seen: int = 0
+
+    @property
+    def args(self) -> argparse.Namespace:
+        return self.plan.args
+
+
+# ---------------------------------------------------------------- the steps, in the order they run
+
+
+def prepare(args: argparse.Namespace, dist: distributed.DistInfo) -> RunPlan:
+    """Check what needs the world size or the run folder, and read last.pt when resuming."""
+    if args.num_workers and dist.device.type == "cpu":
+        torch.set_num_threads(args.num_workers)
+    cfg = vitcore.CONFIGS[args.model_type]
+    if args.dropout is not None:
+        cfg = cfg.replace(dropout=args.dropout)
+    accum, world = args.gradient_accumulation_steps, dist.world_size
+    if args.train_batch_size % (world * accum):
+        raise UsageError(f"--train_batch_size {args.train_batch_size} must be divisible by world size x "
+                         f"accumulation = {world} x {accum}")
+    per_rank = args.train_batch_size // world
+    plan = RunPlan(args, dist, cfg, _resolve_precision(args, dist.device), accum, per_rank, per_rank // accum,
+                   os.path.join(args.output_dir, args.name), None)
+    if args.resume:
+        plan.resume = _read_resume_checkpoint(plan)
+    return plan
+
+
+def _read_resume_checkpoint(plan: RunPlan) -> dict[str, Any]:
+    args, path = plan.args, plan.last_path
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    ck = load_checkpoint(path)
+    saved = ck.get("args", {})
+    if ck.get("model_type") != args.model_type:
+        raise UsageError(f"--resume: {path} is a {ck.get('model_type')} run, not {args.model_type}")
+    # The data order is a function of (seed, global batch): changing either would not continue the same run.
+    if (saved.get("seed"), saved.get("train_batch_size")) != (args.seed, args.train_batch_size):
+        raise UsageError(f"--resume: {path} was trained with --seed {saved.get('seed')} --train_batch_size "
+                         f"{saved.get('train_batch_size')}; pass the same values")
+    if ck.get("img_size") != args.img_size:
+        raise UsageError(f"--resume: {path} was trained at --img_size {ck.get('img_size')}, not {args.img_size}; "
+                         "pass the same value")
+    # The schedule is rebuilt from this command line (as the official code does): allowed, but never silent.
+    changed = _changed_schedule_flags(saved, args)
+    if changed and plan.dist.is_main:
+        print(f"note: --resume with a different schedule than {path} was trained with: {changed}", file=sys.stderr)
+    return ck
+
+
+def build(plan: RunPlan) -> Run:
+    """Data, model (pretrained weights unless resuming), optimizer, schedule and loss scaler."""
+    args, dist = plan.args, plan.dist
+    train_set, eval_set = _load_data(args, dist)
+    # A resumed run takes its weights from last.pt: no need to read (or download) the pretrained file.
+    model, pretrained = _build_model(args, plan.cfg, len(train_set.classes), dist, load=plan.resume is None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
+                                weight_decay=args.weight_decay)
+    schedule = WarmupDecaySchedule(args.learning_rate, args.num_steps, args.warmup_steps, args.decay_type)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=plan.precision == "fp16")
+    ddp = model
+    if dist.world_size > 1:
+        device_ids = [dist.device] if dist.device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return Run(plan, train_set, eval_set, model, ddp, optimizer, schedule, scaler, pretrained)
+
+
+def restore(run: Run) -> None:
+    """Continue from last.pt (weights, optimizer, scaler, step, best) and open the run's logs."""
+    plan, ck = run.plan, run.plan.resume
+    if ck is not None:
+        if list(ck.get("classes", [])) != list(run.train_set.classes):
+            raise UsageError(f"--resume: {plan.last_path} was trained on other classes ({ck.get('num_classes')}) "
+                             f"than --dataset {run.args.dataset} has in {run.args.data_dir} "
+                             f"({len(run.train_set.classes)})")
+        run.model.load_state_dict(ck["model"])
+        run.optimizer.load_state_dict(ck["optimizer"])
+        # A disabled scaler (fp32/bf16) saves {}: resuming such a run with fp16 starts a fresh scaler.
+        if ck["scaler"]:
+            run.scaler.load_state_dict(ck["scaler"])
+        run.step, run.best = ck["step"], (ck["best_accuracy"], ck["best_step"])
+        plan.resume = None  # the weights now live in the model; free the copy
+    dist, args = plan.dist, run.args
+    run.logger = MetricsLogger(plan.run_dir, enabled=dist.is_main, resume_step=run.step if args.resume else None)
+    if dist.is_main:
+        resolved = {**vars(args), "precision": plan.precision, "pretrained_path": run.pretrained,
+                    "world_size": dist.world_size, "micro_batch_per_rank": plan.micro, "device": str(dist.device),
+                    "num_classes": len(run.train_set.classes)}
+        write_args_json(resolved, os.path.join(plan.run_dir, "args.json"))
+        print(f"{args.model_type} {args.img_size}px on {args.dataset} ({len(run.train_set)} train / "
+              f"{len(run.eval_set)} test), {dist.world_size} process(es) on {dist.device}, batch "
+              f"{args.train_batch_size} = {dist.world_size} x {plan.accum} x {plan.micro}, {plan.precision}, "
+              f"steps {run.step + 1}..{args.num_steps}", file=sys.stderr)
+    run.bar = tqdm(total=args.num_steps, initial=run.step, disable=not dist.is_main or args.no_progress,
+                   dynamic_ncols=True, file=sys.stderr)
+
+
+def _micro_batches(run: Run, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's micro-batches of global batch `step`: (images (m, 3, S, S), labels (m,)), each a pure
+    function of (seed, step), so a resumed run and any number of processes see the same global batches."""
+    plan, args, images = run.plan, run.args, run.train_set.images
+    sampler = StepSampler(len(run.train_set), args.train_batch_size, args.seed)
+    idx = sampler.indices(step)  # (global_batch,) the same on every rank
+    boxes, flips = crop_params(args.train_batch_size, *images.shape[-2:], args.seed, step,
+                               flip=args.augment == "official")
+    mine = slice(plan.dist.rank * plan.per_rank, (plan.dist.rank + 1) * plan.per_rank)  # this rank's shard
+    idx, boxes, flips = idx[mine].to(plan.dist.device), boxes[mine], flips[mine]
+    for k in range(plan.accum):
+        part = slice(k * plan.micro, (k + 1) * plan.micro)
+        yield augment_batch(images[idx[part]], boxes[part], flips[part], args.img_size), run.train_set.labels[
+            idx[part]]
+
+
+def train_step(run: Run, step: int) -> float:
+    """One optimizer step: forward/backward over the micro-batches, clip, SGD; returns the mean loss."""
+    plan, args, dist = run.plan, run.args, run.plan.dist
+    t0 = time.perf_counter()
+    torch.manual_seed(_step_seed(args.seed, dist.rank, step))  # dropout masks: a function of (seed, rank, step)
+    loss_sum = torch.zeros((), device=dist.device)
+    try:
+        for k, (x, y) in enumerate(_micro_batches(run, step)):
+            # Gradients are all-reduced only on the last micro-batch.
+            last = k == plan.accum - 1
+            sync = run.ddp.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(dist.device.type, dtype=autocast_dtype(plan.precision),
+                                    enabled=plan.precision != "fp32"):
+                    logits = run.ddp(x)
+                loss = F.cross_entropy(logits.float(), y)
+                run.scaler.scale(loss / plan.accum).backward()
+            loss_sum += loss.detach()
+    except torch.OutOfMemoryError:
+        raise TrainingError(_oom_advice(step, plan.micro, plan.accum, plan.per_rank, args.train_batch_size)) from None
+    loss_value = (distributed.all_reduce_sum(loss_sum / plan.accum) / dist.world_size).item()
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"loss is {loss_value} at step {step}; try a lower --learning_rate (now "
+                            f"{args.learning_rate}), --precision fp32 or bf16 instead of fp16, or a smaller "
+                            "--max_grad_norm")
+    lr = run.schedule(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.scaler.unscale_(run.optimizer)
+    if args.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    run.step, run.train_time, run.images_seen = step, run.train_time + dt, run.images_seen + args.train_batch_size
+    if dist.is_main:
+        run.logger.log(step, "train", loss=loss_value, lr=lr, img_per_s=args.train_batch_size / dt,
+                       elapsed_s=time.time() - run.t_start)
+        run.bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                            img_s=f"{run.images_seen / run.train_time:.0f}", refresh=False)
+        run.bar.update(1)
+    return loss_value
+
+
+def _checkpoint_state(run: Run) -> dict[str, Any]:
+    """What --resume (and evaluate/predict) read back, and nothing else: the data order, crops and dropout are
+    functions of (seed, step), and the schedule is rebuilt from the command line."""
     return {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": schedule.state_dict(),
-        "scaler": scaler.state_dict(),
-        # The sampler is a pure function of (seed, batch size, step): its position is all it needs.
-        "sampler": {"seed": args.seed, "batch_size": args.train_batch_size, "position": step * args.train_batch_size},
-        "rng": rng_state(),
-        "config": cfg.to_dict(),
-        "model_type": args.model_type,
-        "img_size": args.img_size,
-        "num_classes": len(train_set.classes),
-        "classes": list(train_set.classes),
-        "args": dict(vars(args)),
-        "best_accuracy": best[0],
-        "best_step": best[1],
+        "step": run.step,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "config": run.plan.cfg.to_dict(),
+        "model_type": run.args.model_type,
+        "img_size": run.args.img_size,
+        "num_classes": len(run.train_set.classes),
+        "classes": list(run.train_set.classes),
+        "args": dict(vars(run.args)),
+        "best_accuracy": run.best[0],
+        "best_step": run.best[1],
     }
+
+
+def evaluate_and_save(run: Run) -> None:
+    """Evaluate the weights of step `run.step`; log; write last.pt (and best.pt when it improved); plot."""
+    plan, args, dist, step = run.plan, run.args, run.plan.dist, run.step
+    try:
+        loss, acc = evaluate_model(run.model, run.eval_set, args.img_size, args.eval_batch_size, plan.precision,
+                                   dist.rank, dist.world_size)
+    except torch.OutOfMemoryError:
+        raise TrainingError(f"out of memory evaluating at step {step} with --eval_batch_size "
+                            f"{args.eval_batch_size}; try --eval_batch_size {max(1, args.eval_batch_size // 2)}"
+                            ) from None
+    if not math.isfinite(loss):  # never checkpoint weights that evaluate to NaN/inf
+        raise TrainingError(f"evaluation loss is {loss} at step {step}: the weights diverged; nothing was saved "
+                            f"for this step; try a lower --learning_rate (now {args.learning_rate}) or a smaller "
+                            f"--max_grad_norm (now {args.max_grad_norm})")
+    run.last_eval = (loss, acc)
+    if not dist.is_main:
+        return
+    run.logger.log(step, "test", loss=loss, accuracy=acc, elapsed_s=time.time() - run.t_start)
+    run.logger.flush()  # metrics.csv holds every row up to `step` before a checkpoint says the run got there
+    improved = acc > run.best[0]
+    if improved:
+        run.best = (acc, step)
+    state = _checkpoint_state(run)
+    save_checkpoint(state, plan.last_path)  # last.pt first: a kill between the two never leaves only best.pt
+    if improved:
+        save_checkpoint(state, plan.best_path)
+    plot_curves(run.logger.csv_path, os.path.join(plan.run_dir, "curves.png"))
+    run.bar.write(f"step {step}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  (best {100 * run.best[0]:.2f}% "
+                  f"at step {run.best[1]})")
+
+
+def summarise(run: Run) -> None:
+    """Close the logs and print the one-line summary (best and final accuracy, wall time, img/s, MFU on CUDA)."""
+    run.bar.close()
+    plan, dist = run.plan, run.plan.dist
+    if not dist.is_main:
+        return
+    run.logger.close()  # curves.png is current: the last step (or a finished run's resume) always evaluates
+    img_s = run.images_seen / run.train_time if run.train_time else float("nan")
+    util = None
+    if dist.device.type == "cuda":
+        util = mfu(img_s, plan.cfg, run.args.img_size, len(run.train_set.classes),
+                   torch.cuda.get_device_name(dist.device), plan.precision)
+    wall = time.time() - run.t_start
+    print(f"done: best accuracy {100 * run.best[0]:.2f}% at step {run.best[1]}; final accuracy "
+          f"{100 * run.last_eval[1]:.2f}%; wall time {wall // 3600:.0f}:{wall % 3600 // 60:02.0f}:"
+          f"{wall % 60:02.0f}; {img_s:.1f} img/s" + (f"; MFU {100 * util:.1f}%" if util is not None else "")
+          + f"; run folder {plan.run_dir}")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -141,174 +398,16 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
-    device, world, rank = dist.device, dist.world_size, dist.rank
-    if args.num_workers and device.type == "cpu":
-        torch.set_num_threads(args.num_workers)
-    cfg = vitcore.CONFIGS[args.model_type]
-    if args.dropout is not None:
-        cfg = cfg.replace(dropout=args.dropout)
-    precision = _resolve_precision(args, device)
-    accum = args.gradient_accumulation_steps
-    global_batch = args.train_batch_size
-    if global_batch % (world * accum):
-        raise UsageError(f"--train_batch_size {global_batch} must be divisible by world size x accumulation "
-                         f"= {world} x {accum}")
-    per_rank = global_batch // world
-    micro = per_rank // accum
-    run_dir = os.path.join(args.output_dir, args.name)
-    last_path, best_path = os.path.join(run_dir, "last.pt"), os.path.join(run_dir, "best.pt")
-    resume_ck = None
-    if args.resume:
-        if not os.path.isfile(last_path):
-            raise UsageError(f"--resume: no checkpoint at {last_path}")
-        resume_ck = load_checkpoint(last_path)
-        if resume_ck.get("model_type") != args.model_type:
-            raise UsageError(f"--resume: {last_path} is a {resume_ck.get('model_type')} run, not {args.model_type}")
-        # The data order is a function of (seed, global batch): changing either would not continue the same run.
-        sampler_state = resume_ck["sampler"]
-        if (sampler_state["seed"], sampler_state["batch_size"]) != (args.seed, args.train_batch_size):
-            raise UsageError(f"--resume: {last_path} was trained with --seed {sampler_state['seed']} "
-                             f"--train_batch_size {sampler_state['batch_size']}; pass the same values")
-        if resume_ck.get("img_size") != args.img_size:
-            raise UsageError(f"--resume: {last_path} was trained at --img_size {resume_ck.get('img_size')}, "
-                             f"not {args.img_size}; pass the same value")
-        # The schedule is rebuilt from this command line (as the official code does): allowed, but never silent.
-        changed = _changed_schedule_flags(resume_ck.get("args", {}), args)
-        if changed and dist.is_main:
-            print(f"note: --resume with a different schedule than {last_path} was trained with: {changed}",
-                  file=sys.stderr)
-
-    train_set, test_set = _load_data(args, dist)
-    # A resumed run takes its weights from last.pt: no need to read (or download) the pretrained file.
-    model, pretrained = _build_model(args, cfg, len(train_set.classes), dist, load=resume_ck is None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
-                                weight_decay=args.weight_decay)
-    schedule = WarmupDecaySchedule(args.learning_rate, args.num_steps, args.warmup_steps, args.decay_type)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start_step, best = 0, (-1.0, 0)
-    if resume_ck is not None:
-        if list(resume_ck.get("classes", [])) != list(train_set.classes):
-            raise UsageError(f"--resume: {last_path} was trained on other classes ({resume_ck.get('num_classes')}) "
-                             f"than --dataset {args.dataset} has in {args.data_dir} ({len(train_set.classes)})")
-        model.load_state_dict(resume_ck["model"])
-        optimizer.load_state_dict(resume_ck["optimizer"])
-        # A disabled scaler (fp32/bf16) saves {}: resuming such a run with fp16 starts a fresh scaler.
-        if resume_ck["scaler"]:
-            scaler.load_state_dict(resume_ck["scaler"])
-        set_rng_state(resume_ck["rng"])
-        start_step, best = resume_ck["step"], (resume_ck["best_accuracy"], resume_ck["best_step"])
-        del resume_ck
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    logger = MetricsLogger(run_dir, enabled=dist.is_main, resume_step=start_step if args.resume else None)
-    if dist.is_main:
-        resolved = {**vars(args), "precision": precision, "pretrained_path": pretrained, "world_size": world,
-                    "micro_batch_per_rank": micro, "device": str(device), "num_classes": len(train_set.classes)}
-        write_args_json(resolved, os.path.join(run_dir, "args.json"))
-        print(f"{args.model_type} {args.img_size}px on {args.dataset} ({len(train_set)} train / {len(test_set)} "
-              f"test), {world} process(es) on {device}, batch {global_batch} = {world} x {accum} x {micro}, "
-              f"{precision}, steps {start_step + 1}..{args.num_steps}", file=sys.stderr)
-
-    sampler = StepSampler(len(train_set), global_batch, args.seed)
-    amp_dtype = autocast_dtype(precision)
-    flip = args.augment == "official"
-    height, width = train_set.images.shape[-2:]
-    bar = tqdm(total=args.num_steps, initial=start_step, disable=not dist.is_main or args.no_progress,
-               dynamic_ncols=True, file=sys.stderr)
-    t_start, train_time, images_seen = time.time(), 0.0, 0
-    last_eval = (math.nan, math.nan)
-
-    def do_eval(step: int) -> None:
-        nonlocal best, last_eval
-        try:
-            loss, acc = evaluate_model(model, test_set, args.img_size, args.eval_batch_size, precision, rank, world)
-        except torch.OutOfMemoryError:
-            raise TrainingError(f"out of memory evaluating at step {step} with --eval_batch_size "
-                                f"{args.eval_batch_size}; try --eval_batch_size {max(1, args.eval_batch_size // 2)}"
-                                ) from None
-        last_eval = (loss, acc)
-        if not dist.is_main:
-            return
-        logger.log(step, "test", loss=loss, accuracy=acc, elapsed_s=time.time() - t_start)
-        logger.flush()  # metrics.csv holds every row up to `step` before a checkpoint says the run got there
-        improved = acc > best[0]
-        if improved:
-            best = (acc, step)
-        state = _checkpoint_state(step, model, optimizer, schedule, scaler, cfg, args, train_set, best)
-        if improved:
-            save_checkpoint(state, best_path)
-        save_checkpoint(state, last_path)
-        plot_curves(logger.csv_path, os.path.join(run_dir, "curves.png"))
-        bar.write(f"step {step}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  (best {100 * best[0]:.2f}% "
-                  f"at step {best[1]})")
-
-    model.train()
-    for step in range(start_step + 1, args.num_steps + 1):
-        t0 = time.perf_counter()
-        idx = sampler.indices(step)  # (global_batch,) the same on every rank
-        boxes, flips = crop_params(global_batch, height, width, args.seed, step, flip=flip)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's shard of the global batch
-        idx, boxes, flips = idx[mine].to(device), boxes[mine], flips[mine]
-        torch.manual_seed(_step_seed(args.seed, rank, step))
-        loss_sum = torch.zeros((), device=device)
-        try:
-            for k in range(accum):
-                part = slice(k * micro, (k + 1) * micro)
-                x = augment_batch(train_set.images[idx[part]], boxes[part], flips[part], args.img_size)  # (m,3,S,S)
-                y = train_set.labels[idx[part]]
-                # Gradients are all-reduced only on the last micro-batch.
-                sync = ddp.no_sync() if world > 1 and k < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=precision != "fp32"):
-                        logits = ddp(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach()
-        except torch.OutOfMemoryError:
-            raise TrainingError(_oom_advice(step, micro, accum, per_rank, global_batch)) from None
-        step_loss = distributed.all_reduce_sum(loss_sum / accum) / world
-        loss_value = step_loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingError(
-                f"loss is {loss_value} at step {step}; try a lower --learning_rate (now {args.learning_rate}), "
-                f"--precision fp32 or bf16 instead of fp16, or a smaller --max_grad_norm")
-        lr = schedule(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        train_time += dt
-        images_seen += global_batch
-        if dist.is_main:
-            logger.log(step, "train", loss=loss_value, lr=lr, img_per_s=global_batch / dt,
-                       elapsed_s=time.time() - t_start)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_seen / train_time:.0f}",
-                            refresh=False)
-            bar.update(1)
+    run = build(prepare(args, dist))
+    restore(run)
+    run.model.train()
+    for step in range(run.step + 1, args.num_steps + 1):
+        train_step(run, step)
         if step % args.eval_every == 0 or step == args.num_steps:
-            do_eval(step)
-    if start_step >= args.num_steps:  # resumed a finished run: evaluate once so the summary has numbers
-        do_eval(start_step)  # the weights are those of step start_step, even when --num_steps is now lower
-    bar.close()
-    if dist.is_main:
-        logger.close()  # curves.png is current: the last step (or a finished run's resume) always evaluates
-        img_s = images_seen / train_time if train_time else float("nan")
-        util = None
-        if device.type == "cuda":
-            util = mfu(img_s, cfg, args.img_size, len(train_set.classes), torch.cuda.get_device_name(device),
-                       precision)
-        wall = time.time() - t_start
-        print(f"done: best accuracy {100 * best[0]:.2f}% at step {best[1]}; final accuracy "
-              f"{100 * last_eval[1]:.2f}%; wall time {wall // 3600:.0f}:{wall % 3600 // 60:02.0f}:{wall % 60:02.0f}"
-              f"; {img_s:.1f} img/s" + (f"; MFU {100 * util:.1f}%" if util is not None else "")
-              + f"; run folder {run_dir}")
+            evaluate_and_save(run)
+    if math.isnan(run.last_eval[1]):  # resumed a finished run: evaluate once so the summary has numbers
+        evaluate_and_save(run)  # the weights are those of its last step, even when --num_steps is now lower
+    summarise(run)
     return 0
 
 

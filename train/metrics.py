@@ -7,16 +7,16 @@ import json
 import os
 from typing import Any
 
+from vitcore.fileio import atomic_write
+
 __all__ = ["MetricsLogger", "write_args_json", "plot_curves", "read_metrics"]
 
 FIELDS = ["step", "split", "loss", "accuracy", "lr", "img_per_s", "elapsed_s"]
 
 
 def write_args_json(args: dict[str, Any], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(args, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -45,13 +45,16 @@ class MetricsLogger:
         rows = read_metrics(self.csv_path) if resume_step is not None else []
         # A resumed run replays the steps after its checkpoint: drop the rows the killed run logged past it.
         rows = [r for r in rows if r["step"] <= (resume_step or 0)]
-        # Kept open: one write per step, no reopen. flush() (at each evaluation, before the checkpoint is saved)
-        # puts the rows on disk, so a checkpoint never gets ahead of metrics.csv.
-        self._file = open(self.csv_path, "w", newline="")
+        # The kept rows are written whole (a kill now leaves the old file or the new one, never a prefix), then the
+        # file stays open for appending: one write per step, no reopen. flush() (at each evaluation, before the
+        # checkpoint is saved) puts the rows on disk, so a checkpoint never gets ahead of metrics.csv.
+        with atomic_write(self.csv_path, "w") as f:
+            head = csv.DictWriter(f, fieldnames=FIELDS)
+            head.writeheader()
+            for r in rows:
+                head.writerow({k: ("" if r[k] is None else (int(r[k]) if k == "step" else r[k])) for k in FIELDS})
+        self._file = open(self.csv_path, "a", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
-        self._csv.writeheader()
-        for r in rows:
-            self._csv.writerow({k: ("" if r[k] is None else (int(r[k]) if k == "step" else r[k])) for k in FIELDS})
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events at steps >= it; the checkpoint's own step (its test accuracy) stays.
@@ -105,7 +108,6 @@ def plot_curves(csv_path: str, out_path: str) -> None:
     for a in axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_write(out_path, "wb") as f:
+        fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
-    os.replace(tmp, out_path)
