@@ -211,3 +211,21 @@ def test_peft_lora_on_the_mlp_and_attention_linears(backend):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     frozen = [p for n, p in peft_model.named_parameters() if "lora_" not in n]
     assert all(p.grad is None for p in frozen)
+
+
+def test_auto_attention_with_dropout_in_training_takes_the_torch_path_quietly(monkeypatch):
+    import warnings
+
+    from vitcore import ops
+
+    picked = []
+    monkeypatch.setattr(ops, "pick_backend", lambda backend, op, *inputs: picked.append(op) or "triton")
+    core = SelfAttention(0.1, backend="auto").train()
+    q = torch.randn(1, 2, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "falls back" warning for auto
+        y = core(q, q, q)
+    assert y.shape == q.shape and picked == []
+    core.eval()
+    core(q, q, q)
+    assert picked == ["attention"]

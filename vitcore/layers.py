@@ -108,7 +108,10 @@ class SelfAttention(BackendOwner, nn.Module):
             y, probs = ops.attention_with_probs(q, k, v, self.dropout, self.training)
             self._records.append(probs)  # (B, H, N, N)
             return y
-        backend = ops.pick_backend(self.backend, "attention", q, k, v)
+        if self.backend == "auto" and self.training and self.dropout > 0:
+            backend = "torch"  # the kernel has no dropout: nothing to measure (a forced "triton" warns instead)
+        else:
+            backend = ops.pick_backend(self.backend, "attention", q, k, v)
         return ops.attention(q, k, v, self.dropout, self.training, backend)
 
     def extra_repr(self) -> str:
