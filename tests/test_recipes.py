@@ -8,20 +8,30 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cifar_fixtures import make_cifar10
 from hypothesis import given
 from hypothesis import strategies as st
 
 import vitcore
+from train.args import UsageError, build_parser
+from train.checkpointing import load_checkpoint, model_from_checkpoint
 from train.ema import ModelEMA
 from train.mixup import MixDraw, Mixup, cutmix_box
 from train.recipes import (
     apply_lr,
     build_optimizer,
+    check_recipe_args,
     freeze_backbone,
     load_optimizer_state,
     param_groups,
@@ -359,6 +369,44 @@ def test_linear_probe_features_are_the_eval_mode_ones():
     assert torch.equal(probe(x), model.eval()(x))
 
 
+# ---------------------------------------------------------------- flags
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    args = build_parser().parse_args(list(argv))
+    check_recipe_args(args)
+    return args
+
+
+def test_recipe_flags_default_to_the_official_recipe():
+    args = _parse()
+    assert (args.optimizer, args.label_smoothing, args.mixup, args.cutmix, args.drop_path) == ("sgd", 0, 0, 0, 0)
+    assert args.layer_decay is None and args.ema is None and args.freeze is None
+    assert not args.grad_checkpointing and not args.compile
+    timm_like = _parse("--optimizer", "adamw", "--adam-betas", "0.9", "0.98", "--label-smoothing", "0.1",
+                       "--mixup", "0.8", "--cutmix", "1.0", "--mixup-switch-prob", "0.5", "--drop-path", "0.1",
+                       "--layer-decay", "0.75", "--ema", "0.9998", "--grad-checkpointing", "--compile")
+    assert timm_like.adam_betas == [0.9, 0.98] and timm_like.layer_decay == 0.75
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--adam_eps", "1e-6"], "--optimizer adamw only"),
+    (["--mixup_prob", "0.5"], "without --mixup or --cutmix"),
+    (["--mixup", "0.8", "--mixup_switch_prob", "0.5"], "give both --mixup and --cutmix"),
+    (["--freeze", "backbone", "--drop_path", "0.1"], "--drop_path cannot combine with --freeze backbone"),
+    (["--freeze", "backbone", "--grad_checkpointing", "--layer_decay", "0.7"], "--layer_decay, --grad_checkpoint"),
+    (["--freeze", "backbone", "--dropout", "0.1"], "--dropout cannot combine"),
+    (["--ema", "1.0"], "--ema 1.0 must lie in (0, 1)"),
+    (["--label_smoothing", "1"], "--label_smoothing 1.0 must lie in [0, 1)"),
+    (["--layer_decay", "0"], "(0, 1]"),
+    (["--mixup", "-1"], ">= 0"),
+])
+def test_recipe_flags_that_cannot_combine_say_so_in_one_line(argv, fragment):
+    with pytest.raises(UsageError) as e:
+        _parse(*argv)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------- torch.compile
 
 
@@ -376,3 +424,108 @@ def test_compiled_model_matches_eager_on_either_backend(backend):
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     with torch.no_grad():
         torch.testing.assert_close(compiled.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- end to end: python -m train.finetune
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KNOBS = ("--optimizer", "adamw", "--weight_decay", "0.05", "--label_smoothing", "0.1", "--mixup", "0.8",
+         "--cutmix", "1.0", "--drop_path", "0.1", "--layer_decay", "0.75", "--ema", "0.9",
+         "--grad_checkpointing")
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    make_cifar10(str(root / "data"), n_train=200, n_test=60)
+    return root
+
+
+def _argv(root, name: str, *extra: str) -> list[str]:
+    return ["--data_dir", str(root / "data"), "--output_dir", str(root / "runs"), "--name", name,
+            "--model_type", "testing", "--pretrained_dir", "none", "--img_size", "32", "--train_batch_size", "16",
+            "--eval_batch_size", "64", "--warmup_steps", "3", "--learning_rate", "0.01", "--no_progress",
+            "--seed", "3", *extra]
+
+
+def _run(root, name: str, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-m", "train.finetune", *_argv(root, name, *extra)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _rows(run_dir) -> list[dict[str, str]]:
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sigkill_and_resume_with_every_knob_on_gives_the_same_run(cifar):
+    common = ("--num_steps", "24", "--eval_every", "6", *KNOBS)
+    ref = _run(cifar, "ref", *common)
+    assert ref.returncode == 0, ref.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    victim = subprocess.Popen([sys.executable, "-m", "train.finetune", *_argv(cifar, "killed", *common)], cwd=REPO,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = cifar / "runs" / "killed" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_checkpoint(str(last))["step"] < 24
+    resumed = _run(cifar, "killed", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(str(cifar / "runs" / "ref" / "last.pt")), load_checkpoint(str(last))
+    assert b["step"] == 24
+    for part in ("model", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), (part, k)
+    strip = [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")} for r in _rows(cifar / "runs" / "ref")]
+    assert strip == [{k: v for k, v in r.items() if k not in ("img_per_s", "elapsed_s")}
+                     for r in _rows(cifar / "runs" / "killed")]
+    splits = {r["split"] for r in strip}
+    assert splits == {"train", "test", "test_ema"}
+    # The EMA lags the weights: its evaluation differs from the raw one.
+    raw = [r["loss"] for r in strip if r["split"] == "test"]
+    ema = [r["loss"] for r in strip if r["split"] == "test_ema"]
+    assert len(raw) == len(ema) == 4 and raw != ema
+    # best.pt was chosen on the better of the two, and evaluate/predict load the one that scored there.
+    best = load_checkpoint(str(cifar / "runs" / "ref" / "best.pt"))
+    tests = {(r["split"], int(r["step"])): float(r["accuracy"]) for r in strip if r["split"] != "train"}
+    assert best["best_accuracy"] == pytest.approx(max(tests.values()))
+    step = best["best_step"]
+    winner = "ema" if tests[("test_ema", step)] > tests[("test", step)] else "model"
+    assert best["preferred_weights"] == winner
+    model, _ = model_from_checkpoint(best)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, best[winner][k]), k
+    ema_model, _ = model_from_checkpoint(best, weights="ema")
+    assert all(torch.equal(v, best["ema"][k]) for k, v in ema_model.state_dict().items())
+
+
+def test_linear_probe_run_trains_the_head_only(cifar):
+    proc = _run(cifar, "probe", "--num_steps", "6", "--eval_every", "6", "--freeze", "backbone",
+                "--optimizer", "adamw", "--weight_decay", "0.05", "--learning_rate", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    torch.manual_seed(3)  # the run's --seed: its scratch initialisation, rebuilt here
+    initial = vitcore.VisionTransformer(vitcore.CONFIGS["testing"], img_size=32, num_classes=10,
+                                        backend="torch").state_dict()
+    trained = load_checkpoint(str(cifar / "runs" / "probe" / "last.pt"))["model"]
+    for k, v in initial.items():
+        if k.startswith("head."):
+            assert not torch.equal(v, trained[k]), k
+        else:
+            assert torch.equal(v, trained[k]), k
+
+
+def test_resume_refuses_another_optimizer_or_a_missing_ema(cifar, capsys):
+    from train import finetune
+
+    assert finetune.main(_argv(cifar, "swap", "--num_steps", "2", "--eval_every", "2")) == 0
+    capsys.readouterr()
+    for extra, fragment in ((["--optimizer", "adamw"], "--optimizer sgd, not adamw"),
+                            (["--ema", "0.99"], "holds no EMA"),
+                            (["--layer_decay", "0.8"], "--layer_decay None, not 0.8")):
+        assert finetune.main(_argv(cifar, "swap", "--num_steps", "3", "--resume", *extra)) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and fragment in err[0], err

@@ -34,8 +34,13 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise UsageError(f"{path} is not a loadable training checkpoint: {first}") from None
 
 
-def model_from_checkpoint(ck: dict[str, Any], backend: str = "auto") -> tuple[torch.nn.Module, int]:
-    """Rebuild the VisionTransformer a training checkpoint describes and load its weights: (model, img_size)."""
+def model_from_checkpoint(ck: dict[str, Any], backend: str = "auto", weights: str | None = None
+                          ) -> tuple[torch.nn.Module, int]:
+    """Rebuild the VisionTransformer a training checkpoint describes and load its weights: (model, img_size).
+
+    `weights`: "model" (the trained weights) or "ema" (an --ema run's average); default: the checkpoint's
+    `preferred_weights`, the one that evaluated better when it was saved ("model" for a run without --ema).
+    """
     import vitcore
 
     for key in ("config", "model", "img_size", "num_classes"):
@@ -45,7 +50,13 @@ def model_from_checkpoint(ck: dict[str, Any], backend: str = "auto") -> tuple[to
             raise UsageError(f"not a train.finetune checkpoint: no {key!r} entry")
     cfg = vitcore.ViTConfig.from_dict(ck["config"])
     model = vitcore.VisionTransformer(cfg, img_size=ck["img_size"], num_classes=ck["num_classes"], backend=backend)
-    model.load_state_dict(ck["model"])
+    weights = weights or ck.get("preferred_weights", "model")
+    if weights not in ("model", "ema") or weights not in ck:
+        from .args import UsageError
+
+        raise UsageError(f"checkpoint has no {weights!r} weights (it holds: "
+                         f"{', '.join(k for k in ('model', 'ema') if k in ck)})")
+    model.load_state_dict(ck[weights])
     return model.eval(), ck["img_size"]
 
 

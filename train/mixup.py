@@ -12,6 +12,7 @@ resumed run (or one with another world size) mixes exactly as an uninterrupted o
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 
 from .recipes import smooth_one_hot
 
-__all__ = ["MixDraw", "Mixup", "cutmix_box"]
+__all__ = ["MixDraw", "Mixup", "cutmix_box", "mixup_from_args"]
 
 _STREAM = 0x6D6978  # "mix": keeps these draws apart from any other (seed, step) stream
 
@@ -89,3 +90,14 @@ class Mixup:
             partner = x.flip(0)  # a copy, taken before x is scaled in place
             x.mul_(draw.lam).add_(partner, alpha=1.0 - draw.lam)
         return x, targets * draw.lam + targets.flip(0) * (1.0 - draw.lam)
+
+
+def mixup_from_args(args: argparse.Namespace, num_classes: int) -> Mixup | None:
+    """The run's Mixup (which also smooths labels), or None when every soft-target flag is off: the official
+    hard-label cross-entropy then runs unchanged."""
+    if args.mixup <= 0 and args.cutmix <= 0 and args.label_smoothing <= 0:
+        return None
+    return Mixup(num_classes, args.seed, args.mixup, args.cutmix,
+                 prob=1.0 if args.mixup_prob is None else args.mixup_prob,
+                 switch_prob=0.5 if args.mixup_switch_prob is None else args.mixup_switch_prob,
+                 label_smoothing=args.label_smoothing)
