@@ -405,3 +405,52 @@ def test_save_npz_of_a_fine_tuned_run_predicts_like_the_run(tmp_path, capsys):
     run_ranked = [int(x.rsplit(" ", 1)[0]) for x in lines[0].split(", ")]
     assert [labels.imagenet1k_classes()[i] for i in run_ranked] == ranked
     assert [x.rsplit(" ", 1)[1] for x in lines[0].split(", ")] == [x.rsplit(" ", 1)[1] for x in lines[1].split(", ")]
+
+
+# ----------------------------------------------------------------------------- fine-tuning's --pretrained_dir
+
+
+def test_pretrained_dir_names_the_model_without_downloading(tmp_path, bucket):
+    from train.args import UsageError, parse_args
+
+    _, server = bucket
+    assert parse_args(["--pretrained_dir", "augreg:Ti_16"]).model_type == "ViT-Ti_16"
+    assert parse_args(["--pretrained_dir", "i21k+i1k:ViT-L_16-224"]).model_type == "ViT-L_16"
+    assert parse_args(["--pretrained_dir", "augreg:R_Ti_16", "--model_type", "R_Ti_16"]).model_type == "R_Ti_16"
+    assert parse_args([]).model_type == "ViT-B_16" and parse_args(["--pretrained_dir", "none"]).model_type == "ViT-B_16"
+    weights = tmp_path / "my_finetuned.npz"
+    _tiny_npz(weights)
+    assert parse_args(["--pretrained_dir", str(weights), "--img_size", "32"]).model_type == "testing"
+    with pytest.raises(UsageError, match="--model_type ViT-B_16 contradicts --pretrained_dir sam:ViT-B_32, a ViT-B_32"):
+        parse_args(["--model_type", "ViT-B_16", "--pretrained_dir", "sam:ViT-B_32"])
+    with pytest.raises(UsageError, match="--pretrained_dir augreg:L_32: AugReg has no model 'L_32'"):
+        parse_args(["--pretrained_dir", "augreg:L_32"])
+    # The typo of issue 15: an explicit file that does not exist is an error, never a download into that name.
+    with pytest.raises(FileNotFoundError, match="my_finetuned.npzz does not exist"):
+        parse_args(["--pretrained_dir", str(tmp_path / "my_finetuned.npzz")])
+    assert server.requests == [] and not os.path.exists(tmp_path / "my_finetuned.npzz")
+
+
+def test_finetune_from_a_named_source_downloads_it_once(tmp_path, bucket, monkeypatch, capsys):
+    from cifar_fixtures import make_cifar10
+
+    from train import finetune
+
+    root, server = bucket
+    _tiny_npz(root / "imagenet21k" / "testing.npz", num_classes=21843)
+    make_cifar10(str(tmp_path / "data"), n_train=32, n_test=16)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--pretrained_dir", "i21k:testing", "--data_dir", "data", "--img_size", "32", "--train_batch_size", "8",
+            "--num_steps", "2", "--eval_every", "2", "--warmup_steps", "1", "--no_progress", "--device", "cpu"]
+    assert finetune.main([*argv, "--name", "a"]) == 0
+    assert "loaded checkpoint/testing.npz: loaded" in capsys.readouterr().err
+    assert finetune.main([*argv, "--name", "b"]) == 0  # the file is there now: used, not fetched again
+    assert server.requests == ["/imagenet21k/testing.npz"]
+    assert os.listdir(tmp_path / "checkpoint") == ["testing.npz"]
+    # A mistyped file is refused (exit 2, one line), never downloaded into that name.
+    capsys.readouterr()
+    typo = ["--pretrained_dir", "checkpoint/testing.npzz", "--model_type", "testing"]
+    assert finetune.main([*argv, "--name", "c", *typo]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.finetune: error: checkpoint/testing.npzz does not exist") and "\n" not in err
+    assert server.requests == ["/imagenet21k/testing.npz"] and os.listdir(tmp_path / "checkpoint") == ["testing.npz"]

@@ -6,10 +6,9 @@ import argparse
 from collections.abc import Sequence
 
 import vitcore
+from vitcore.config import OFFICIAL_NAMES
 from vitcore.ops import BACKENDS
 from vitcore.precision import PRECISIONS
-
-from .recipes import add_recipe_flags, check_recipe_args
 
 __all__ = ["build_parser", "parse_args", "add_flag", "UsageError"]
 
@@ -41,10 +40,14 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     add_flag(p, "dataset", choices=["cifar10", "cifar100", "imagefolder"], default="cifar10")
     add_flag(p, "data_dir", default="data", help="dataset root (CIFAR is downloaded here when missing)")
     # Plain strings: the check happens in validate() so an unknown name gives one clear line with the valid ones.
-    add_flag(p, "model_type", default="ViT-B_16", help="one of: " + ", ".join(vitcore.CONFIGS))
+    add_flag(p, "model_type", default=None,
+             help="one of: " + ", ".join(OFFICIAL_NAMES) + " (or an alias: AugReg's B_16, R_Ti_16..., R50-ViT-B_16); "
+                  "default: the model --pretrained_dir names or holds, else ViT-B_16")
     add_flag(p, "pretrained_dir", default=None,
-             help="official .npz, or a folder holding <model_type>.npz (default checkpoint/<model_type>.npz, "
-                  "downloaded when missing); 'none': scratch")
+             help="a named source (i21k:NAME, i21k+i1k:NAME[-224], sam:NAME, augreg:NAME, augreg:FILENAME; "
+                  "downloaded into checkpoint/ when missing), an official .npz, a folder holding <model_type>.npz, "
+                  "or 'none' (scratch); default: i21k:<model_type>, i.e. checkpoint/<model_type>.npz. A file or "
+                  "folder must exist: it is never downloaded")
     add_flag(p, "img_size", type=int, default=224)
     add_flag(p, "train_batch_size", type=int, default=512, help="effective (global) batch per optimizer step")
     add_flag(p, "eval_batch_size", type=int, default=64)
@@ -68,7 +71,6 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     add_flag(p, "device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     add_flag(p, "num_workers", type=int, default=None, help="CPU threads for torch on CPU (default: torch's)")
     add_flag(p, "no_progress", action="store_true", help="no tqdm bar (logs only)")
-    add_recipe_flags(p)  # optimizer, soft targets, drop path, layer decay, EMA, memory/speed, linear probe
     # Accepted so that jeonsworld/ViT-pytorch command lines run unchanged; they select nothing here.
     compat = p.add_argument_group("accepted for compatibility, no effect")
     add_flag(compat, "fp16_opt_level", default=None,
@@ -81,6 +83,9 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
 
 def validate(args: argparse.Namespace) -> argparse.Namespace:
     """Checks that need more than argparse; each failure is one line (UsageError)."""
+    from .official import run_model_type  # (train.official imports this module)
+
+    args.model_type = run_model_type(args.pretrained_dir, args.model_type)
     try:
         cfg = vitcore.CONFIGS[args.model_type]
     except KeyError as e:
@@ -99,7 +104,6 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UsageError(f"--dropout {args.dropout} must lie in [0, 1)")
-    check_recipe_args(args)
     return args
 
 

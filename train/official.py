@@ -19,15 +19,10 @@ from vitcore.npz import is_npz
 from .args import UsageError
 from .checkpointing import restore_for_inference
 
-__all__ = ["CHECKPOINT_HELP", "DEFAULT_MODEL", "PRETRAINED_HELP", "is_official", "restore", "run_model_type",
+__all__ = ["CHECKPOINT_HELP", "DEFAULT_MODEL", "from_scratch", "is_official", "restore", "run_model_type",
            "run_pretrained_path"]
 
 DEFAULT_MODEL = "ViT-B_16"
-PRETRAINED_HELP = ("where the weights come from: a named source (i21k:NAME, i21k+i1k:NAME[-224], sam:NAME, "
-                   "augreg:NAME, augreg:FILENAME; downloaded into checkpoint/ when missing), an official .npz, a "
-                   "folder holding <model_type>.npz, or 'none' (from scratch); default: i21k:<model_type>, "
-                   "i.e. checkpoint/<model_type>.npz. A file or folder is never downloaded: it must exist")
-
 CHECKPOINT_HELP = ("a run's best.pt or last.pt, an official .npz, or a named source (i21k:ViT-B_16, "
                    "i21k+i1k:ViT-B_16, sam:ViT-B_16, augreg:B_16, augreg:<file name>)")
 
@@ -100,15 +95,16 @@ def restore(checkpoint: str, device: str | None, backend: str = "auto", model_ty
     return info, model.eval().to(dev), size, labels.class_names(arch.num_classes)
 
 
-def _is_scratch(pretrained_dir: str | None) -> bool:
+def from_scratch(pretrained_dir: str | None) -> bool:
+    """`--pretrained_dir none`: no pretrained weights."""
     return pretrained_dir is not None and pretrained_dir.lower() == "none"
 
 
 def run_model_type(pretrained_dir: str | None, model_type: str | None) -> str:
     """The model a fine-tuning run trains, decided at parse time without any download: `model_type` when given
     (it must agree with a named source), else the model the source names, else the zoo entry whose architecture
-    an official file's arrays hold, else ViT-B_16. A file or folder that does not exist is an error now."""
-    if pretrained_dir is None or _is_scratch(pretrained_dir):
+    an official file's arrays hold (a file that does not exist is then an error already), else ViT-B_16."""
+    if pretrained_dir is None or from_scratch(pretrained_dir):
         return model_type or DEFAULT_MODEL
     if sources.is_named_source(pretrained_dir):
         try:
@@ -119,12 +115,12 @@ def run_model_type(pretrained_dir: str | None, model_type: str | None) -> str:
             raise UsageError(f"--model_type {model_type} contradicts --pretrained_dir {pretrained_dir}, a {named} "
                              "checkpoint: leave --model_type out, or name a checkpoint of that model")
         return model_type or named
+    if model_type is not None:
+        return model_type  # the run checks that the file exists (run_pretrained_path) and fits (load_pretrained)
     try:
-        where = sources.locate(pretrained_dir, model_type=model_type or DEFAULT_MODEL)  # FileNotFoundError if absent
+        where = sources.locate(pretrained_dir, model_type=DEFAULT_MODEL)  # FileNotFoundError if absent
     except sources.SourceError as e:
         raise UsageError(f"--pretrained_dir {e}") from None
-    if model_type is not None:
-        return model_type  # load_pretrained checks that the file fits it
     found = find_name(read_architecture(where.path).config)
     if found is None:
         raise UsageError(f"--pretrained_dir {where.path} holds no model of the zoo: pass --model_type")
@@ -133,13 +129,14 @@ def run_model_type(pretrained_dir: str | None, model_type: str | None) -> str:
 
 def run_pretrained_path(pretrained_dir: str | None, model_type: str, progress: bool = True,
                         fetch: bool = True) -> str | None:
-    """The checkpoint a run starts from (None: from scratch). Only the default location and the named sources are
-    downloaded (when `fetch`; without it their local path is returned, for the ranks that wait for the download)."""
-    if _is_scratch(pretrained_dir):
+    """The checkpoint a run starts from (None: from scratch). With `fetch`, a named source or the default location
+    is downloaded when missing and a file or folder must exist; without it, where the file is or will be, unchecked
+    (for the ranks that wait for the first one's download, and a resumed run's report)."""
+    if from_scratch(pretrained_dir):
         return None
     spec = pretrained_dir or sources.default_spec(model_type)
     try:
-        where = sources.locate(spec, model_type=model_type, progress=progress)
+        where = sources.locate(spec, model_type=model_type, progress=progress, strict=fetch)
     except sources.SourceError as e:
         raise UsageError(f"--pretrained_dir {e}") from None
     return sources.fetch(where, progress) if fetch else where.path

@@ -181,8 +181,10 @@ def spec_model_type(spec: str) -> str | None:
     return _parse(spec)[1] if is_named_source(spec) else None
 
 
-def _local(spec: str, model_type: str | None) -> Pretrained:
+def _local(spec: str, model_type: str | None, strict: bool) -> Pretrained:
     if not os.path.exists(spec):
+        if not strict:
+            return Pretrained(spec, spec)
         raise FileNotFoundError(f"{spec} does not exist (neither a checkpoint file nor a folder); {_SPECS_HELP}")
     if os.path.isdir(spec):  # vit_jax's --pretrained_dir: a folder holding <model>.npz
         if model_type is None:
@@ -191,23 +193,26 @@ def _local(spec: str, model_type: str | None) -> Pretrained:
         candidates = [os.path.join(spec, f"{n}.npz") for n in names]
         found = next((c for c in candidates if os.path.exists(c)), None)
         if found is None:
+            if not strict:
+                return Pretrained(spec, candidates[0])
             raise FileNotFoundError(f"{' or '.join(candidates)} does not exist; put the checkpoint there, or name a "
                                     f"source to download it (e.g. {default_spec(model_type)})")
         spec = found
-    if not stat.S_ISREG(os.stat(spec).st_mode):
+    if strict and not stat.S_ISREG(os.stat(spec).st_mode):
         raise SourceError(f"{spec} is not a regular file (a FIFO or device?); name the .npz checkpoint file itself")
     return Pretrained(spec, spec)
 
 
-def locate(spec: str, folder: str = "checkpoint", *, model_type: str | None = None,
-           progress: bool = True) -> Pretrained:
+def locate(spec: str, folder: str = "checkpoint", *, model_type: str | None = None, progress: bool = True,
+           strict: bool = True) -> Pretrained:
     """Resolve `spec` to its Pretrained (local path, URL, model, resolution) without fetching the checkpoint.
 
     `augreg:<model>` reads augreg/index.csv (fetched into `folder` the first time). `model_type` names the file
-    in a folder spec. Raises SourceError for a spec that names nothing, FileNotFoundError for a missing path.
+    in a folder spec. Raises SourceError for a spec that names nothing, FileNotFoundError for a missing path
+    (with `strict=False` a path is returned as where the file would be, unchecked).
     """
     if not is_named_source(spec):
-        return _local(spec, model_type)
+        return _local(spec, model_type, strict)
     source, model, file, img_size = _parse(spec)
     if file is None:  # augreg:<model>
         file = augreg_best(read_augreg_index(folder, progress), augreg_name(model))["filename"] + ".npz"
