@@ -10,6 +10,8 @@ from vitcore.config import OFFICIAL_NAMES
 from vitcore.ops import BACKENDS
 from vitcore.precision import PRECISIONS
 
+from .recipes import add_recipe_flags, check_recipe_args
+
 __all__ = ["build_parser", "parse_args", "add_flag", "UsageError"]
 
 
@@ -71,6 +73,7 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     add_flag(p, "device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     add_flag(p, "num_workers", type=int, default=None, help="CPU threads for torch on CPU (default: torch's)")
     add_flag(p, "no_progress", action="store_true", help="no tqdm bar (logs only)")
+    add_recipe_flags(p)  # optimizer, soft targets, drop path, layer decay, EMA, memory/speed, linear probe
     # Accepted so that jeonsworld/ViT-pytorch command lines run unchanged; they select nothing here.
     compat = p.add_argument_group("accepted for compatibility, no effect")
     add_flag(compat, "fp16_opt_level", default=None,
@@ -104,6 +107,7 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}")
     if args.dropout is not None and not 0.0 <= args.dropout < 1.0:
         raise UsageError(f"--dropout {args.dropout} must lie in [0, 1)")
+    check_recipe_args(args)
     return args
 
 

@@ -30,9 +30,12 @@ from .checkpointing import load_checkpoint, save_checkpoint
 from .cli import TrainingError, one_line, run_cli
 from .data import ImageSet, StepSampler, augment_batch, crop_params, load_split
 from .download import CIFAR, ensure_cifar
+from .ema import ModelEMA
 from .evaluate import evaluate_model
 from .metrics import MetricsLogger, plot_curves, write_args_json
+from .mixup import Mixup, mixup_from_args
 from .official import from_scratch, run_pretrained_path
+from .recipes import apply_lr, build_optimizer, freeze_backbone, load_optimizer_state, soft_cross_entropy
 from .schedule import WarmupDecaySchedule
 
 __all__ = ["main", "train"]
@@ -61,7 +64,10 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 999_983 + step * 7_919 + 17) % (2**63 - 1)
 
 
-_SCHEDULE_FLAGS = ("learning_rate", "num_steps", "warmup_steps", "decay_type", "weight_decay", "max_grad_norm")
+_SCHEDULE_FLAGS = ("learning_rate", "num_steps", "warmup_steps", "decay_type", "weight_decay", "max_grad_norm",
+                   # recipe knobs that may change on resume (the optimizer's kind and grouping may not)
+                   "adam_betas", "adam_eps", "label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
+                   "drop_path", "ema")
 
 
 def _changed_schedule_flags(saved: dict[str, Any], args: argparse.Namespace) -> str:
@@ -100,7 +106,8 @@ def _build_model(args: argparse.Namespace, cfg: vitcore.ViTConfig, num_classes: 
     # than initialise ViT-H on the CPU only to overwrite it; it materialises the model before copying.
     build_on = torch.device("meta") if path is not None and load else None
     with build_on or contextlib.nullcontext():
-        model = vitcore.VisionTransformer(cfg, img_size=args.img_size, num_classes=num_classes, backend=args.backend)
+        model = vitcore.VisionTransformer(cfg, img_size=args.img_size, num_classes=num_classes, backend=args.backend,
+                                          drop_path=args.drop_path)
     if path is not None and load:
         try:
             report = vitcore.load_pretrained(model, path)
@@ -151,6 +158,9 @@ class Run:
     schedule: WarmupDecaySchedule
     scaler: torch.amp.GradScaler
     pretrained: str | None
+    ema: ModelEMA | None = None  # --ema: the average, evaluated beside the weights
+    mixup: Mixup | None = None  # soft targets: mixup / cutmix / label smoothing
+    preferred_weights: str = "model"  # "ema" when the average evaluated better at the last evaluation
     step: int = 0
     best: tuple[float, int] = (-1.0, 0)  # (accuracy, step)
     last_eval: tuple[float, float] = (math.nan, math.nan)  # (loss, accuracy)
@@ -202,6 +212,17 @@ def _read_resume_checkpoint(plan: RunPlan) -> dict[str, Any]:
     if ck.get("img_size") != args.img_size:
         raise UsageError(f"--resume: {path} was trained at --img_size {ck.get('img_size')}, not {args.img_size}; "
                          "pass the same value")
+    # The optimizer's state fits only an optimizer of the same kind over the same parameter groups (layer decay on
+    # or off decides the grouping; its value may change).
+    was = {"optimizer": saved.get("optimizer", "sgd"), "freeze": saved.get("freeze"),
+           "layer_decay": saved.get("layer_decay")}
+    for flag, before in was.items():
+        now = getattr(args, flag)
+        if (before is None) != (now is None) or (flag != "layer_decay" and before != now):
+            raise UsageError(f"--resume: {path} was trained with --{flag} {before}, not {now}; pass the same value")
+    if args.ema is not None and "ema" not in ck:
+        raise UsageError(f"--resume: {path} holds no EMA (its run had no --ema): resume without --ema, or start "
+                         "a new run")
     # The schedule is rebuilt from this command line (as the official code does): allowed, but never silent.
     changed = _changed_schedule_flags(saved, args)
     if changed and plan.dist.is_main:
@@ -215,15 +236,21 @@ def build(plan: RunPlan) -> Run:
     train_set, eval_set = _load_data(args, dist)
     # A resumed run takes its weights from last.pt: no need to read (or download) the pretrained file.
     model, pretrained = _build_model(args, plan.cfg, len(train_set.classes), dist, load=plan.resume is None)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9,
-                                weight_decay=args.weight_decay)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    # A linear probe trains through a wrapper that runs the frozen backbone without autograd.
+    net = freeze_backbone(model) if args.freeze == "backbone" else model
+    optimizer = build_optimizer(model, args)  # SGD (official) or AdamW over the trainable parameters' groups
+    ema = ModelEMA(model, args.ema) if args.ema is not None else None
     schedule = WarmupDecaySchedule(args.learning_rate, args.num_steps, args.warmup_steps, args.decay_type)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=plan.precision == "fp16")
-    ddp = model
+    ddp = net
     if dist.world_size > 1:
         device_ids = [dist.device] if dist.device.type == "cuda" else None
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return Run(plan, train_set, eval_set, model, ddp, optimizer, schedule, scaler, pretrained)
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+    if args.compile:
+        ddp = torch.compile(ddp)  # the training forward; evaluation runs the plain model
+    return Run(plan, train_set, eval_set, model, ddp, optimizer, schedule, scaler, pretrained, ema,
+               mixup_from_args(args, len(train_set.classes)))
 
 
 def restore(run: Run) -> None:
@@ -235,7 +262,12 @@ def restore(run: Run) -> None:
                              f"than --dataset {run.args.dataset} has in {run.args.data_dir} "
                              f"({len(run.train_set.classes)})")
         run.model.load_state_dict(ck["model"])
-        run.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            load_optimizer_state(run.optimizer, ck["optimizer"])  # this command line's weight decay and betas
+        except ValueError as e:
+            raise UsageError(f"--resume: {plan.last_path}'s optimizer state does not fit this run ({e})") from None
+        if run.ema is not None:
+            run.ema.load_state_dict(ck["ema"])
         # A disabled scaler (fp32/bf16) saves {}: resuming such a run with fp16 starts a fresh scaler.
         if ck["scaler"]:
             run.scaler.load_state_dict(ck["scaler"])
@@ -278,8 +310,12 @@ def train_step(run: Run, step: int) -> float:
     t0 = time.perf_counter()
     torch.manual_seed(_step_seed(args.seed, dist.rank, step))  # dropout masks: a function of (seed, rank, step)
     loss_sum = torch.zeros((), device=dist.device)
+    # One mixing draw per step, a function of (seed, step): the same for every micro-batch and rank.
+    draw = run.mixup.draw(step, args.img_size, args.img_size) if run.mixup is not None else None
     try:
         for k, (x, y) in enumerate(_micro_batches(run, step)):
+            if run.mixup is not None:
+                x, y = run.mixup.apply(x, y, draw)  # y: (m, K) soft targets
             # Gradients are all-reduced only on the last micro-batch.
             last = k == plan.accum - 1
             sync = run.ddp.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext()
@@ -287,7 +323,7 @@ def train_step(run: Run, step: int) -> float:
                 with torch.autocast(dist.device.type, dtype=autocast_dtype(plan.precision),
                                     enabled=plan.precision != "fp32"):
                     logits = run.ddp(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = soft_cross_entropy(logits, y) if run.mixup is not None else F.cross_entropy(logits.float(), y)
                 run.scaler.scale(loss / plan.accum).backward()
             loss_sum += loss.detach()
     except torch.OutOfMemoryError:
@@ -298,14 +334,15 @@ def train_step(run: Run, step: int) -> float:
                             f"{args.learning_rate}), --precision fp32 or bf16 instead of fp16, or a smaller "
                             "--max_grad_norm")
     lr = run.schedule(step)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    apply_lr(run.optimizer, lr)  # times each group's layer-decay scale
     run.scaler.unscale_(run.optimizer)
     if args.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.model)
     dt = time.perf_counter() - t0
     run.step, run.train_time, run.images_seen = step, run.train_time + dt, run.images_seen + args.train_batch_size
     if dist.is_main:
@@ -333,6 +370,8 @@ def _checkpoint_state(run: Run) -> dict[str, Any]:
         "args": dict(vars(run.args)),
         "best_accuracy": run.best[0],
         "best_step": run.best[1],
+        # --ema: the average, and which of the two evaluated better here (what evaluate/predict load).
+        **({"ema": run.ema.state_dict(), "preferred_weights": run.preferred_weights} if run.ema is not None else {}),
     }
 
 
@@ -350,21 +389,31 @@ def evaluate_and_save(run: Run) -> None:
         raise TrainingError(f"evaluation loss is {loss} at step {step}: the weights diverged; nothing was saved "
                             f"for this step; try a lower --learning_rate (now {args.learning_rate}) or a smaller "
                             f"--max_grad_norm (now {args.max_grad_norm})")
+    ema_eval = None
+    if run.ema is not None:
+        ema_eval = evaluate_model(run.ema.module, run.eval_set, args.img_size, args.eval_batch_size, plan.precision,
+                                  dist.rank, dist.world_size)
     run.last_eval = (loss, acc)
     if not dist.is_main:
         return
     run.logger.log(step, "test", loss=loss, accuracy=acc, elapsed_s=time.time() - run.t_start)
+    chosen = acc
+    if ema_eval is not None:
+        run.logger.log(step, "test_ema", loss=ema_eval[0], accuracy=ema_eval[1], elapsed_s=time.time() - run.t_start)
+        run.preferred_weights = "ema" if ema_eval[1] > acc else "model"
+        chosen = max(acc, ema_eval[1])  # best.pt is chosen on the better of the two
     run.logger.flush()  # metrics.csv holds every row up to `step` before a checkpoint says the run got there
-    improved = acc > run.best[0]
+    improved = chosen > run.best[0]
     if improved:
-        run.best = (acc, step)
+        run.best = (chosen, step)
     state = _checkpoint_state(run)
     save_checkpoint(state, plan.last_path)  # last.pt first: a kill between the two never leaves only best.pt
     if improved:
         save_checkpoint(state, plan.best_path)
     plot_curves(run.logger.csv_path, os.path.join(plan.run_dir, "curves.png"))
-    run.bar.write(f"step {step}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  (best {100 * run.best[0]:.2f}% "
-                  f"at step {run.best[1]})")
+    ema_note = f"  EMA {100 * ema_eval[1]:.2f}%  loss {ema_eval[0]:.4f}" if ema_eval is not None else ""
+    run.bar.write(f"step {step}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}{ema_note}  (best "
+                  f"{100 * run.best[0]:.2f}% at step {run.best[1]})")
 
 
 def summarise(run: Run) -> None:
