@@ -529,3 +529,15 @@ def test_resume_refuses_another_optimizer_or_a_missing_ema(cifar, capsys):
         assert finetune.main(_argv(cifar, "swap", "--num_steps", "3", "--resume", *extra)) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(err) == 1 and fragment in err[0], err
+
+
+def test_compiled_run_follows_the_eager_one(cifar):
+    # Without dropout or drop path (inductor draws its own random numbers), the compiled training forward gives
+    # the eager run's losses to float rounding.
+    common = ("--num_steps", "3", "--eval_every", "3", "--dropout", "0", "--optimizer", "adamw", "--ema", "0.5")
+    eager, compiled = _run(cifar, "eager", *common), _run(cifar, "compiled", *common, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    a, b = _rows(cifar / "runs" / "eager"), _rows(cifar / "runs" / "compiled")
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for r, s in zip(a, b):
+        assert float(r["loss"]) == pytest.approx(float(s["loss"]), rel=1e-4, abs=1e-6), (r, s)
