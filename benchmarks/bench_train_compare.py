@@ -10,8 +10,9 @@ img/s and MFU, in one process, on the same batch held on the GPU.
 A step is what fine-tuning runs: forward under autocast, cross-entropy, backward, global-norm clip to 1, SGD
 with momentum, zero_grad. Every variant gets `warmup` untimed steps (compilation, autotuning and `auto`'s
 first-use timing happen there), then `iters` steps, each timed with CUDA events; the row holds their median
-(and the spread, max/min - 1). MFU counts the config's matmul FLOPs (3x forward, vitcore.flops) against the
-GPU's dense peak; timm's model has the same layers, so the same count is used for it. Rows go to
+(and the spread, max/min - 1). MFU counts the FLOPs of the model's forward and backward (vitcore.flops, counted
+on vitcore's model) against the GPU's dense peak; timm's model has the same layers, so the same count is used
+for it. Rows go to
 <results>/bench_train_compare.csv after every variant, `auto`'s per-layer choices to
 <results>/backend_report.txt; the last line printed is the headline (`headline()`).
 Targets on an H100/H200, ViT-B_16: auto >= 1.25x timm eager, >= 1.0x timm compiled, >= 50% MFU.
@@ -35,8 +36,9 @@ from torch import nn
 import vitcore
 from benchmarks.common import device_name, print_table, require_cuda, results_dir, write_csv
 from vitcore.fileio import atomic_write
+from vitcore.precision import PRECISIONS, autocast_dtype
 
-__all__ = ["VARIANTS", "TIMM_NAMES", "make_step", "time_steps", "run_variant", "headline", "main"]
+__all__ = ["VARIANTS", "TIMM_NAMES", "make_batch", "make_step", "time_steps", "run_variant", "headline", "main"]
 
 # Variant name -> (library, backend, compiled), in the order they run: the headline's three rows first, so a
 # run cut short by its time cap still has them.
@@ -60,12 +62,12 @@ QUICK = {"runs": [{"model_type": "ViT-B_16", "img_size": 224, "batch_size": 256,
                    "variants": ["auto", "timm", "timm+compile", "auto+compile"]}],
          "precision": "bf16", "warmup": 3, "iters": 10}
 DEVICE = "cuda"  # a module constant so the CPU dry run (benchmarks/dry_run.py) can swap it
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def build_vitcore(cfg: vitcore.ViTConfig, img_size: int, num_classes: int, backend: str) -> nn.Module:
-    # No dropout: timm's defaults have none either, and it is noise in a speed comparison.
-    cfg = cfg.replace(dropout=0.0, attention_dropout=0.0)
+def build_vitcore(cfg: vitcore.ViTConfig, img_size: int, num_classes: int, backend: str,
+                  dropout: float = 0.0) -> nn.Module:
+    # No dropout by default: timm's defaults have none either, and it is noise in a speed comparison.
+    cfg = cfg.replace(dropout=dropout, attention_dropout=0.0)
     return vitcore.VisionTransformer(cfg, img_size=img_size, num_classes=num_classes, backend=backend)
 
 
@@ -86,18 +88,23 @@ def build_timm(model_type: str, img_size: int, num_classes: int) -> nn.Module:
 
 
 def make_step(model: nn.Module, compiled: bool, precision: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    """One fine-tuning step on (x, y): autocast forward, cross-entropy, backward, clip, SGD momentum."""
+    """One fine-tuning step on (x, y), as train.finetune runs it: autocast forward, cross-entropy, backward (scaled
+    in fp16), global-norm clip to 1, SGD momentum."""
     forward = torch.compile(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     params = [p for p in model.parameters() if p.requires_grad]
     device_type = next(model.parameters()).device.type
+    scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+    dtype = autocast_dtype(precision)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast(device_type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+        with torch.autocast(device_type, dtype=dtype, enabled=precision != "fp32"):
             logits = forward(x)  # (B, num_classes)
-        F.cross_entropy(logits.float(), y).backward()
+        scaler.scale(F.cross_entropy(logits.float(), y)).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -148,7 +155,7 @@ def run_variant(variant: str, args: argparse.Namespace, x: torch.Tensor, y: torc
         if library == "timm":
             model = build_timm(args.model_type, args.img_size, args.num_classes)
         else:
-            model = build_vitcore(cfg, args.img_size, args.num_classes, backend)
+            model = build_vitcore(cfg, args.img_size, args.num_classes, backend, getattr(args, "dropout", 0.0))
         model = model.to(x.device).train()
         step = make_step(model, compiled, args.precision)
         if x.device.type == "cuda":
@@ -167,6 +174,7 @@ def run_variant(variant: str, args: argparse.Namespace, x: torch.Tensor, y: torc
         flops = _flops()
         util = flops.mfu(ips, cfg, args.img_size, args.num_classes, device_name(), args.precision)
         row.update(ms_per_step=ms, img_per_s=ips, mfu=util if util is not None else "",
+                   tflops=ips * flops.train_flops(cfg, args.img_size, args.num_classes) / 1e12,
                    spread=max(times) / min(times) - 1, warmup_s=warm_s,
                    peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if x.device.type == "cuda" else "")
         if backend == "auto" and hasattr(model, "backend_report"):
@@ -222,7 +230,7 @@ def main() -> None:
     p.add_argument("--model_type", "--model-type", default="ViT-B_16", choices=list(vitcore.CONFIGS))
     p.add_argument("--img_size", "--img-size", type=int, default=224)
     p.add_argument("--batch_size", "--batch-size", type=int, default=256)
-    p.add_argument("--precision", choices=list(DTYPES), default="bf16")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--num_classes", "--num-classes", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -257,7 +265,7 @@ def main() -> None:
     for i, run in enumerate(runs):
         for key in ("model_type", "img_size", "batch_size"):
             setattr(args, key, run[key])
-        x, y = _batch(args)
+        x, y = make_batch(args)
         scale = _cost_scale(runs[0], run)
         mine: list[dict] = []
         for variant in run["variants"]:
@@ -292,10 +300,11 @@ def main() -> None:
 
 
 _COLUMNS = ("model", "img_size", "batch", "precision", "variant", "library", "backend", "compiled", "status",
-            "ms_per_step", "img_per_s", "mfu", "vs_timm", "vs_timm+compile", "spread", "warmup_s", "peak_mem_gib")
+            "ms_per_step", "img_per_s", "tflops", "mfu", "vs_timm", "vs_timm+compile", "spread", "warmup_s",
+            "peak_mem_gib")
 
 
-def _batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """The one batch every variant of a run trains on, from the seed, on the device."""
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(DEVICE)  # (B, 3, S, S)
@@ -312,7 +321,7 @@ def warm_caches(runs: Sequence[dict], args: argparse.Namespace) -> None:
     for run in runs:
         for key in ("model_type", "img_size", "batch_size"):
             setattr(args, key, run[key])
-        x, y = _batch(args)
+        x, y = make_batch(args)
         for variant in run["variants"]:
             _, backend, compiled = VARIANTS[variant]
             if compiled and backend != "triton":

@@ -39,6 +39,9 @@ TINY: dict[str, dict[str, Any]] = {
                      "torch+compile"]},
                  {"model_type": "testing", "img_size": 16, "batch_size": 2, "variants": ["auto", "timm"]}],
         "precision": "fp32", "warmup": 1, "iters": 2}},
+    "benchmarks.bench_train_step": {"QUICK": {"model_type": "testing", "img_size": 32, "batch_size": 4,
+                                              "precision": "fp32", "backend": ["torch", "triton", "auto", "compile"],
+                                              "warmup": 1, "iters": 2}},
 }
 
 
@@ -58,11 +61,14 @@ def stand_ins(module: ModuleType) -> dict[tuple[Any, str], Any]:
         (triton.testing, "do_bench"): _one_call_do_bench,
         (torch, "compile"): functools.partial(torch.compile, backend="aot_eager"),
     }
-    for target in (module, common):
+    # Every benchmark module loaded so far: a script may run another's code (bench_train_step runs
+    # bench_train_compare's), which then reads its own DEVICE.
+    loaded = [m for name, m in sys.modules.items() if name.startswith("benchmarks.") and m is not None]
+    for target in {id(m): m for m in [module, common, *loaded]}.values():
         if hasattr(target, "require_cuda"):
             out[(target, "require_cuda")] = lambda script: None
-    if hasattr(module, "DEVICE"):
-        out[(module, "DEVICE")] = "cpu"
+        if hasattr(target, "DEVICE"):
+            out[(target, "DEVICE")] = "cpu"
     for attr, value in TINY.get(module.__name__, {}).items():
         if not hasattr(module, attr):
             raise AttributeError(f"{module.__name__} has no {attr}: update benchmarks/dry_run.py's TINY table")

@@ -323,3 +323,19 @@ def test_summary_ratios_and_verdicts_from_gpu_shaped_tables(tmp_path):
     assert "stopped at its time cap: 1 passed (see the log)" in md
     assert "tests-rest: stopped at its 60 s cap" in md and "input-jpeg: not available yet" in md
     assert "| torch+compile | — | — | — | — | — | — | — | — | skipped: about 50s needed" in md
+
+
+def test_bench_train_step_runs_each_backend_on_bench_train_compares_step(monkeypatch, tmp_path):
+    from benchmarks import bench_train_step, dry_run
+
+    monkeypatch.setenv("BENCH_OUT", str(tmp_path))
+    dry_run.apply(bench_train_step, monkeypatch.setattr)
+    monkeypatch.setattr(sys, "argv", ["bench_train_step", "--quick"])
+    bench_train_step.main()
+    with open(tmp_path / "bench_train_step.csv") as f:
+        rows = {r["backend"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"torch", "triton", "auto", "compile"}
+    assert all(r["status"] == "ok" and r["model"] == "testing" for r in rows.values()), rows
+    assert rows["torch"]["vs_torch"] == "1.0"
+    ratio = float(rows["triton"]["img_per_s"]) / float(rows["torch"]["img_per_s"])
+    assert float(rows["triton"]["vs_torch"]) == pytest.approx(ratio)
