@@ -411,7 +411,11 @@ def test_save_npz_of_a_fine_tuned_run_predicts_like_the_run(tmp_path, capsys):
 
 
 def test_pretrained_dir_names_the_model_without_downloading(tmp_path, bucket):
-    from train.args import UsageError, parse_args
+    from train.args import UsageError
+    from train.args import parse_args as parse_flags
+
+    def parse_args(argv):  # --device cpu: a big model is refused on a CPU unless asked for explicitly
+        return parse_flags([*argv, "--device", "cpu"])
 
     _, server = bucket
     assert parse_args(["--pretrained_dir", "augreg:Ti_16"]).model_type == "ViT-Ti_16"
