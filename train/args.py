@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 
 import vitcore
 from vitcore.config import OFFICIAL_NAMES
@@ -12,7 +18,11 @@ from vitcore.precision import PRECISIONS
 
 from .recipes import add_recipe_flags, check_recipe_args
 
-__all__ = ["build_parser", "parse_args", "add_flag", "UsageError"]
+__all__ = ["build_parser", "parse_args", "add_flag", "finite_float", "explicit_flags", "check_cpu_model",
+           "UsageError"]
+
+# Fine-tuning a model this large on a CPU takes days per epoch: refused unless --device cpu says it is meant.
+CPU_PARAM_LIMIT = 30_000_000
 
 
 class UsageError(ValueError):
@@ -22,7 +32,42 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     # argparse prints the whole usage block on error; the contract is one line and exit code 2.
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message)  # run_cli prefixes the program's name
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    # --help shows every flag's default: appended unless the help text already states it.
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        default = "off" if action.default is False else "none" if action.default is None else "%(default)s"
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+                 hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse `type`: a finite float in [lo, hi] (an open end with `lo_open`/`hi_open`; None: unbounded).
+
+    nan and inf are refused at parse time, so the message names the flag: `argument --learning_rate: ...`.
+    """
+    ge, le = (">" if lo_open else ">="), ("<" if hi_open else "<=")
+    want = " and ".join(s for s in ((f"{ge} {lo:g}" if lo is not None else ""),
+                                    (f"{le} {hi:g}" if hi is not None else "")) if s)
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+        bad_hi = hi is not None and (v >= hi if hi_open else v > hi)
+        if not math.isfinite(v) or bad_lo or bad_hi:
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + want if want else ''}, got {text}")
+        return v
+
+    parse.__name__ = "finite number"  # what argparse calls the type in its own messages
+    return parse
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -36,8 +81,11 @@ def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentParser:
     """The fine-tuning parser; defaults follow the official CIFAR recipe."""
-    p = _Parser(prog=prog, description="Fine-tune a Vision Transformer on CIFAR-10/100 or an image folder.")
-    add_flag(p, "name", default="output", help="run folder under --output_dir")
+    p = _Parser(prog=prog, description="Fine-tune a Vision Transformer on CIFAR-10/100 or an image folder.",
+                formatter_class=_DefaultsFormatter)
+    add_flag(p, "name", default=None,
+             help="run folder under --output_dir, owned by one job at a time (default: a new "
+                  "<model_type>-<dataset>-<YYYYmmdd-HHMMSS>)")
     add_flag(p, "output_dir", default="output", help="parent of run folders")
     add_flag(p, "dataset", choices=["cifar10", "cifar100", "imagefolder"], default="cifar10")
     add_flag(p, "data_dir", default="data", help="dataset root (CIFAR is downloaded here when missing)")
@@ -54,12 +102,12 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     add_flag(p, "train_batch_size", type=int, default=512, help="effective (global) batch per optimizer step")
     add_flag(p, "eval_batch_size", type=int, default=64)
     add_flag(p, "eval_every", type=int, default=100)
-    add_flag(p, "learning_rate", type=float, default=3e-2)
-    add_flag(p, "weight_decay", type=float, default=0.0)
+    add_flag(p, "learning_rate", type=finite_float(0, lo_open=True), default=3e-2)
+    add_flag(p, "weight_decay", type=finite_float(0), default=0.0)
     add_flag(p, "num_steps", type=int, default=10000)
     add_flag(p, "decay_type", choices=["cosine", "linear"], default="cosine")
     add_flag(p, "warmup_steps", type=int, default=500)
-    add_flag(p, "max_grad_norm", type=float, default=1.0, help="global-norm clipping; 0 disables")
+    add_flag(p, "max_grad_norm", type=finite_float(0), default=1.0, help="global-norm clipping; 0 disables")
     add_flag(p, "gradient_accumulation_steps", type=int, default=1)
     add_flag(p, "seed", type=int, default=42)
     add_flag(p, "precision", choices=PRECISIONS, default=None,
@@ -68,8 +116,15 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
     add_flag(p, "backend", choices=BACKENDS, default="auto")
     add_flag(p, "augment", choices=["inception", "official"], default="inception",
              help="inception: RandomResizedCrop(0.05-1); official: the same plus a 50%% horizontal flip")
-    add_flag(p, "dropout", type=float, default=None, help="override the config's dropout (default: the config's)")
-    add_flag(p, "resume", action="store_true", help="continue from <run>/last.pt")
+    add_flag(p, "dropout", type=finite_float(0, 1, hi_open=True), default=None,
+             help="override the config's dropout (default: the config's)")
+    add_flag(p, "resume", nargs="?", const="yes", choices=["yes", "auto"], default=None,
+             help="continue --name's run from its last.pt with the arguments stored there (flags given here "
+                  "override them); 'auto': continue when the run folder holds a last.pt, else start the run (for "
+                  "preemptible jobs and torchrun --max-restarts)")
+    add_flag(p, "overwrite", action="store_true",
+             help="start a new run in a folder that holds one: the old run is moved to <name>.old-<timestamp>")
+    add_flag(p, "debug", action="store_true", help="show the traceback of an error (also VITCORE_DEBUG=1)")
     add_flag(p, "device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     add_flag(p, "num_workers", type=int, default=None, help="CPU threads for torch on CPU (default: torch's)")
     add_flag(p, "no_progress", action="store_true", help="no tqdm bar (logs only)")
@@ -100,8 +155,21 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("train_batch_size", "eval_batch_size", "eval_every", "num_steps", "gradient_accumulation_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.warmup_steps < 0 or args.learning_rate <= 0 or args.max_grad_norm < 0 or args.weight_decay < 0:
-        raise UsageError("--warmup_steps, --max_grad_norm and --weight_decay must be >= 0 and --learning_rate > 0")
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    # Parsing refuses nan/inf already; these come back from a last.pt on --resume too.
+    for flag, positive in (("learning_rate", True), ("max_grad_norm", False), ("weight_decay", False)):
+        v = getattr(args, flag)
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise UsageError(f"--{flag} must be a finite number {'>' if positive else '>='} 0, got {v}")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in the folder and --overwrite moves it aside: give one of them")
+    if args.resume and args.name is None:
+        raise UsageError("--resume needs --name: the run folder under --output_dir to continue (a run started "
+                         "without --name got a new <model>-<dataset>-<time> name, printed at its start)")
+    _check_device(args, cfg)
     if args.train_batch_size % args.gradient_accumulation_steps:
         raise UsageError(f"--train_batch_size {args.train_batch_size} is not divisible by "
                          f"--gradient_accumulation_steps {args.gradient_accumulation_steps}")
@@ -111,6 +179,97 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _no_cuda_reason() -> str:
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    return "torch sees no CUDA device (driver, CUDA_VISIBLE_DEVICES?)"
+
+
+def _check_device(args: argparse.Namespace, cfg: vitcore.ViTConfig) -> None:
+    """--device names a device this machine has; no Triton kernels and no large model on a CPU by accident."""
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {args.device} is not supported: use cuda, cuda:N or cpu")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: {_no_cuda_reason()}; use --device cpu for a small CPU run")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        on_cpu = dev.type == "cpu"
+    else:
+        on_cpu = not torch.cuda.is_available()
+    if on_cpu and args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError("--backend triton runs its kernels on CUDA GPUs (on a CPU only in Triton's slow interpreter, "
+                         "TRITON_INTERPRET=1): use --backend torch or auto on the CPU")
+
+
+def check_cpu_model(args: argparse.Namespace, cfg: vitcore.ViTConfig, device: torch.device) -> None:
+    """Refuse a large model on a CPU the run fell back to (no CUDA) unless --device cpu asked for the CPU: it would
+    take days, or run out of memory in its first step. Called when the run starts, before any download."""
+    if device.type != "cpu" or args.device is not None:
+        return
+    with torch.device("meta"):  # shapes only: no memory, no time
+        n = sum(p.numel() for p in vitcore.VisionTransformer(cfg, img_size=args.img_size).parameters())
+    if n > CPU_PARAM_LIMIT:
+        raise UsageError(f"--model_type {args.model_type} has {n / 1e6:.0f}M parameters, too many to fine-tune on "
+                         f"the CPU ({_no_cuda_reason()}): run it on a GPU, pass --device cpu to run it on the CPU "
+                         "anyway, or run a small CPU job, e.g. --model_type ViT-Ti_16 --pretrained_dir augreg:Ti_16 "
+                         "--img_size 64 --train_batch_size 32 --num_steps 200")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The dests the command line sets itself (not left at their defaults), with their parsed values."""
+    # A second parse where nothing has a default: only what argv names ends up in the namespace.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    parser._defaults.clear()
+    return vars(parser.parse_args(argv))
+
+
+# Flags that belong to this invocation, never taken from the run's last.pt.
+_INVOCATION = ("name", "output_dir", "resume", "overwrite", "debug", "local_rank")
+
+
+def _resumed(args: argparse.Namespace, given: dict[str, Any]) -> argparse.Namespace:
+    """The arguments stored in the run's last.pt, overridden by the flags given on the command line (each
+    override printed); `args` unchanged when `--resume auto` finds no last.pt (a new run)."""
+    from .checkpointing import load_checkpoint  # (it imports this module)
+    from .run_folder import will_resume
+
+    run_dir = os.path.join(args.output_dir, args.name)
+    path = os.path.join(run_dir, "last.pt")
+    if not will_resume(args.resume, run_dir):
+        return args
+    if not os.path.isfile(path):
+        where = "no run folder" if not os.path.isdir(run_dir) else "the folder holds no last.pt"
+        raise UsageError(f"--resume: no checkpoint at {path} ({where}); start the run without --resume, or use "
+                         "--resume auto to start it when there is nothing to continue")
+    saved = load_checkpoint(path, mmap=True).get("args")  # mmap: the weights are not read here
+    if not isinstance(saved, dict):
+        raise UsageError(f"--resume: {path} stores no arguments (not a train.finetune last.pt?)")
+    merged = vars(args).copy()
+    main = int(os.environ.get("RANK", "0")) == 0
+    for key in list(merged):
+        if key in _INVOCATION or key not in saved:
+            continue
+        if key in given:
+            if main and given[key] != saved[key]:
+                print(f"--resume: --{key} {saved[key]} -> {given[key]} (from the command line)", file=sys.stderr)
+        else:
+            merged[key] = saved[key]
+    return argparse.Namespace(**merged)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and validate; raises UsageError with a one-line message on bad input."""
-    return validate(build_parser().parse_args(argv))
+    """Parse and validate; raises UsageError with a one-line message on bad input.
+
+    With --resume the run's last.pt supplies every flag the command line does not give.
+    """
+    args = build_parser().parse_args(argv)
+    if args.resume and args.name is not None:
+        args = _resumed(args, explicit_flags(build_parser(), argv))
+    return validate(args)

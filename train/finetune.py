@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -21,13 +23,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vitcore
+from vitcore.fileio import atomic_write
 from vitcore.flops import mfu
 from vitcore.precision import autocast_dtype
 
 from . import distributed
-from .args import UsageError, parse_args
+from .args import UsageError, check_cpu_model, parse_args
 from .checkpointing import load_checkpoint, save_checkpoint
-from .cli import TrainingError, one_line, run_cli
+from .cli import Interrupted, TrainingError, is_out_of_memory, one_line, run_cli
 from .data import ImageSet, StepSampler, augment_batch, crop_params, load_split
 from .download import CIFAR, ensure_cifar
 from .ema import ModelEMA
@@ -36,19 +39,29 @@ from .metrics import MetricsLogger, plot_curves, write_args_json
 from .mixup import Mixup, mixup_from_args
 from .official import from_scratch, run_pretrained_path
 from .recipes import apply_lr, build_optimizer, freeze_backbone, load_optimizer_state, soft_cross_entropy
+from .run_folder import (
+    RunLock,
+    default_name,
+    describe_device,
+    existing_run_files,
+    move_aside,
+    remove_run_temps,
+    will_resume,
+)
 from .schedule import WarmupDecaySchedule
 
 __all__ = ["main", "train"]
 
 
-def _oom_advice(step: int, micro: int, accum: int, per_rank: int, global_batch: int) -> str:
+def _oom_advice(step: int, micro: int, accum: int, per_rank: int, global_batch: int, where: str = "") -> str:
     """What to do after running out of memory: the next accumulation count that divides the per-process batch
     (doubling may not: 12 images per process with 4 micro-batches cannot take 8)."""
-    head = f"out of memory at step {step} with {micro} images per micro-batch per process; "
+    head = f"out of memory{where} at step {step} with {micro} images per micro-batch per process; "
     more = next((a for a in range(accum + 1, per_rank + 1) if per_rank % a == 0), None)
     if more is None:
         return head + "already one image per micro-batch: try a smaller --img_size or --model_type, or more GPUs"
-    return head + f"try --gradient_accumulation_steps {more} (the effective batch stays {global_batch})"
+    return head + (f"try --gradient_accumulation_steps {more} (the effective batch stays {global_batch}), a smaller "
+                   "--train_batch_size, --img_size or --model_type")
 
 
 def _resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
@@ -63,17 +76,6 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     # Dropout randomness as a function of (seed, rank, step): resuming needs no generator history.
     return (seed * 1_000_003 + rank * 999_983 + step * 7_919 + 17) % (2**63 - 1)
 
-
-_SCHEDULE_FLAGS = ("learning_rate", "num_steps", "warmup_steps", "decay_type", "weight_decay", "max_grad_norm",
-                   # recipe knobs that may change on resume (the optimizer's kind and grouping may not)
-                   "adam_betas", "adam_eps", "label_smoothing", "mixup", "cutmix", "mixup_prob", "mixup_switch_prob",
-                   "drop_path", "ema")
-
-
-def _changed_schedule_flags(saved: dict[str, Any], args: argparse.Namespace) -> str:
-    """'--flag old -> new' for each optimisation flag that differs from the checkpoint's run ('' if none)."""
-    return ", ".join(f"--{k} {saved[k]} -> {getattr(args, k)}" for k in _SCHEDULE_FLAGS
-                     if k in saved and saved[k] != getattr(args, k))
 
 
 def _pretrained_path(args: argparse.Namespace, fetch: bool = False, progress: bool = False) -> str | None:
@@ -135,6 +137,7 @@ class RunPlan:
     micro: int  # images per process per micro-batch
     run_dir: str
     resume: dict[str, Any] | None  # last.pt's contents when resuming
+    lock: RunLock | None = None  # rank 0's lock on run_dir, held until the run ends
 
     @property
     def last_path(self) -> str:
@@ -162,6 +165,7 @@ class Run:
     mixup: Mixup | None = None  # soft targets: mixup / cutmix / label smoothing
     preferred_weights: str = "model"  # "ema" when the average evaluated better at the last evaluation
     step: int = 0
+    saved_step: int | None = None  # the step last.pt holds (None: no checkpoint yet)
     best: tuple[float, int] = (-1.0, 0)  # (accuracy, step)
     last_eval: tuple[float, float] = (math.nan, math.nan)  # (loss, accuracy)
     logger: MetricsLogger | None = None
@@ -183,6 +187,7 @@ def prepare(args: argparse.Namespace, dist: distributed.DistInfo) -> RunPlan:
     if args.num_workers and dist.device.type == "cpu":
         torch.set_num_threads(args.num_workers)
     cfg = vitcore.CONFIGS[args.model_type]
+    check_cpu_model(args, cfg, dist.device)  # before any download: `make finetune` on a laptop fails at once
     if args.dropout is not None:
         cfg = cfg.replace(dropout=args.dropout)
     accum, world = args.gradient_accumulation_steps, dist.world_size
@@ -190,11 +195,60 @@ def prepare(args: argparse.Namespace, dist: distributed.DistInfo) -> RunPlan:
         raise UsageError(f"--train_batch_size {args.train_batch_size} must be divisible by world size x "
                          f"accumulation = {world} x {accum}")
     per_rank = args.train_batch_size // world
+    if args.name is None:  # rank 0's clock names the run for every rank
+        args.name = distributed.broadcast_object(
+            default_name(args.model_type, args.dataset, args.output_dir) if dist.is_main else None)
+        if dist.is_main:
+            print(f"run folder {os.path.join(args.output_dir, args.name)} (continue it with --resume --name "
+                  f"{args.name})", file=sys.stderr)
     plan = RunPlan(args, dist, cfg, _resolve_precision(args, dist.device), accum, per_rank, per_rank // accum,
                    os.path.join(args.output_dir, args.name), None)
-    if args.resume:
+    plan.lock, resuming = _own_run_folder(plan)
+    if resuming:
         plan.resume = _read_resume_checkpoint(plan)
     return plan
+
+
+def _own_run_folder(plan: RunPlan) -> tuple[RunLock | None, bool]:
+    """Rank 0 locks the run folder for the run's lifetime and decides under the lock whether the run continues the
+    folder's last.pt; every rank gets that decision (or the same one-line refusal)."""
+    lock, outcome = None, None
+    if plan.dist.is_main:
+        lock = RunLock(plan.run_dir)
+        try:
+            outcome = (True, _claim_run_folder(plan, lock))
+        except (UsageError, OSError) as e:
+            lock.release()
+            outcome = (False, one_line(e) if isinstance(e, UsageError) else f"run folder {plan.run_dir}: {e}")
+    ok, value = distributed.broadcast_object(outcome)
+    if not ok:
+        raise UsageError(value)
+    return lock, value
+
+
+def _claim_run_folder(plan: RunPlan, lock: RunLock) -> bool:
+    """Take the lock; refuse to start over an earlier run unless --overwrite moves it aside; clear stale temps.
+    Returns whether the run resumes."""
+    args, run_dir = plan.args, plan.run_dir
+    stale = lock.acquire()
+    if stale:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        print(f"note: {stale}" + (f" (torchrun restart {restart} of this job)" if restart else ""), file=sys.stderr)
+    resuming = will_resume(args.resume, run_dir)
+    if not resuming:
+        present = existing_run_files(run_dir)
+        if args.resume == "auto":  # metrics of a run killed before its first checkpoint: it starts again
+            present = [f for f in present if f != "metrics.csv"]
+        if present and not args.overwrite:
+            raise UsageError(f"{run_dir} already holds a run ({', '.join(present)}): continue it with --resume, "
+                             f"start a new one with another --name, or pass --overwrite to move it to "
+                             f"{run_dir}.old-<time>")
+        if args.overwrite and any(e != ".lock" for e in os.listdir(run_dir)):
+            print(f"note: --overwrite: moved the earlier run to {move_aside(run_dir)}", file=sys.stderr)
+    removed = remove_run_temps(run_dir)  # only now: a temp file of a live job is never touched
+    if removed:
+        print(f"note: removed {len(removed)} temp file(s) a killed writer left in {run_dir}", file=sys.stderr)
+    return resuming
 
 
 def _read_resume_checkpoint(plan: RunPlan) -> dict[str, Any]:
@@ -223,10 +277,8 @@ def _read_resume_checkpoint(plan: RunPlan) -> dict[str, Any]:
     if args.ema is not None and "ema" not in ck:
         raise UsageError(f"--resume: {path} holds no EMA (its run had no --ema): resume without --ema, or start "
                          "a new run")
-    # The schedule is rebuilt from this command line (as the official code does): allowed, but never silent.
-    changed = _changed_schedule_flags(saved, args)
-    if changed and plan.dist.is_main:
-        print(f"note: --resume with a different schedule than {path} was trained with: {changed}", file=sys.stderr)
+    # The schedule is rebuilt from these arguments (as the official code does): last.pt's, each flag given on this
+    # command line printed as an override when parsing (train.args).
     return ck
 
 
@@ -261,7 +313,11 @@ def restore(run: Run) -> None:
             raise UsageError(f"--resume: {plan.last_path} was trained on other classes ({ck.get('num_classes')}) "
                              f"than --dataset {run.args.dataset} has in {run.args.data_dir} "
                              f"({len(run.train_set.classes)})")
-        run.model.load_state_dict(ck["model"])
+        try:
+            run.model.load_state_dict(ck["model"])
+        except (RuntimeError, TypeError, KeyError) as e:
+            raise UsageError(f"--resume: {plan.last_path}'s weights do not fit a {run.args.model_type} at "
+                             f"--img_size {run.args.img_size}: {one_line(e, limit=300)}") from None
         try:
             load_optimizer_state(run.optimizer, ck["optimizer"])  # this command line's weight decay and betas
         except ValueError as e:
@@ -272,6 +328,7 @@ def restore(run: Run) -> None:
         if ck["scaler"]:
             run.scaler.load_state_dict(ck["scaler"])
         run.step, run.best = ck["step"], (ck["best_accuracy"], ck["best_step"])
+        run.saved_step = run.step
         plan.resume = None  # the weights now live in the model; free the copy
     dist, args = plan.dist, run.args
     run.logger = MetricsLogger(plan.run_dir, enabled=dist.is_main, resume_step=run.step if args.resume else None)
@@ -326,8 +383,12 @@ def train_step(run: Run, step: int) -> float:
                 loss = soft_cross_entropy(logits, y) if run.mixup is not None else F.cross_entropy(logits.float(), y)
                 run.scaler.scale(loss / plan.accum).backward()
             loss_sum += loss.detach()
-    except torch.OutOfMemoryError:
-        raise TrainingError(_oom_advice(step, plan.micro, plan.accum, plan.per_rank, args.train_batch_size)) from None
+    except (RuntimeError, MemoryError) as e:  # CUDA's OutOfMemoryError, or the CPU allocator's failure
+        if not is_out_of_memory(e):
+            raise
+        where = "" if dist.device.type == "cuda" else " on the CPU"
+        raise TrainingError(_oom_advice(step, plan.micro, plan.accum, plan.per_rank, args.train_batch_size, where)
+                            ) from None
     loss_value = (distributed.all_reduce_sum(loss_sum / plan.accum) / dist.world_size).item()
     if not math.isfinite(loss_value):
         raise TrainingError(f"loss is {loss_value} at step {step}; try a lower --learning_rate (now "
@@ -381,7 +442,9 @@ def evaluate_and_save(run: Run) -> None:
     try:
         loss, acc = evaluate_model(run.model, run.eval_set, args.img_size, args.eval_batch_size, plan.precision,
                                    dist.rank, dist.world_size)
-    except torch.OutOfMemoryError:
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
         raise TrainingError(f"out of memory evaluating at step {step} with --eval_batch_size "
                             f"{args.eval_batch_size}; try --eval_batch_size {max(1, args.eval_batch_size // 2)}"
                             ) from None
@@ -408,6 +471,7 @@ def evaluate_and_save(run: Run) -> None:
         run.best = (chosen, step)
     state = _checkpoint_state(run)
     save_checkpoint(state, plan.last_path)  # last.pt first: a kill between the two never leaves only best.pt
+    run.saved_step = step
     if improved:
         save_checkpoint(state, plan.best_path)
     plot_curves(run.logger.csv_path, os.path.join(plan.run_dir, "curves.png"))
@@ -445,22 +509,75 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
-    run = build(prepare(args, dist))
-    restore(run)
-    run.model.train()
-    for step in range(run.step + 1, args.num_steps + 1):
-        train_step(run, step)
-        if step % args.eval_every == 0 or step == args.num_steps:
-            evaluate_and_save(run)
-    if math.isnan(run.last_eval[1]):  # resumed a finished run: evaluate once so the summary has numbers
-        evaluate_and_save(run)  # the weights are those of its last step, even when --num_steps is now lower
-    summarise(run)
-    return 0
+    plan = prepare(args, dist)
+    run: Run | None = None
+    try:
+        run = build(plan)
+        restore(run)
+        run.model.train()
+        for step in range(run.step + 1, args.num_steps + 1):
+            train_step(run, step)
+            if step % args.eval_every == 0 or step == args.num_steps:
+                evaluate_and_save(run)
+            _test_sigkill_hook(dist.rank, step)
+        if math.isnan(run.last_eval[1]):  # resumed a finished run: evaluate once so the summary has numbers
+            evaluate_and_save(run)  # the weights are those of its last step, even when --num_steps is now lower
+        summarise(run)
+        return 0
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted(plan, run)) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise TrainingError(_disk_full(plan, run, e)) from None
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
+
+
+def _saved_step(plan: RunPlan, run: Run | None) -> int | None:
+    if run is not None:
+        return run.saved_step
+    return plan.resume["step"] if plan.resume is not None else None
+
+
+def _interrupted(plan: RunPlan, run: Run | None) -> str:
+    """Ctrl-C: where the run got to and how to continue it."""
+    name, saved = plan.args.name, _saved_step(plan, run)
+    if run is None or run.step == 0 and saved is None:
+        return f"interrupted before the first step; start the run again (--resume auto --name {name})"
+    if saved is None:
+        return (f"interrupted at step {run.step}, before the first checkpoint (--eval_every {plan.args.eval_every}); "
+                f"start it again with --resume auto --name {name}")
+    return f"interrupted at step {run.step}; continue with --resume --name {name} (from last.pt's step {saved})"
+
+
+def _disk_full(plan: RunPlan, run: Run | None, e: OSError) -> str:
+    """ENOSPC while writing: which filesystem, and that the previous checkpoint is whole (writes are atomic)."""
+    saved = _saved_step(plan, run)
+    kept = (f"the previous checkpoint {plan.last_path} (step {saved}) is intact" if saved is not None
+            else "no checkpoint was written yet")
+    return (f"no space left on device {describe_device(e.filename or plan.run_dir)} writing "
+            f"{e.filename or 'into ' + plan.run_dir}; {kept}: free space there (or use another --output_dir) and "
+            f"continue with --resume --name {plan.args.name}")
+
+
+def _test_sigkill_hook(rank: int, step: int) -> None:
+    # For the elastic-restart test: VITCORE_TEST_SIGKILL="RANK:STEP:MARKER" makes that rank SIGKILL itself after
+    # STEP, once (the marker file records that it did, so the restarted job runs through).
+    spec = os.environ.get("VITCORE_TEST_SIGKILL")
+    if not spec:
+        return
+    who, at, marker = spec.split(":", 2)
+    if int(who) == rank and int(at) == step and not os.path.exists(marker):
+        with atomic_write(marker, "w") as f:
+            f.write(f"rank {rank} killed itself after step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m train.finetune`; returns the exit code."""
-    return run_cli("train.finetune", lambda: train(parse_args(argv)))
+    return run_cli("train.finetune", lambda: train(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":
