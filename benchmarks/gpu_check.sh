@@ -34,18 +34,18 @@ export PYTHONUNBUFFERED=1 BENCH_OUT="$TABLES" HYPOTHESIS_PROFILE=${HYPOTHESIS_PR
 export VITCORE_CACHE="$WORK/vitcore-cache"  # fresh: `auto` times its choices in this pass, and they are kept
 # Seconds per part (the two correctness parts run side by side); their sum plus ~15 s stays under TOTAL_BUDGET.
 # Expected on an H100/H200 (cold caches): correctness ~100 s, train ~120 s (ViT-L_16 in what is left of its cap),
-# micro ~110 s, input ~40 s, env and summary ~10 s.
-TOTAL_BUDGET=${TOTAL_BUDGET:-465}
+# micro ~110 s, input ~50 s, env and summary ~10 s. These are estimates: no part has run on a GPU yet.
+TOTAL_BUDGET=${TOTAL_BUDGET:-470}
 TESTS_GPU_BUDGET=${TESTS_GPU_BUDGET:-45}    # } one after the other,
 TESTS_REST_BUDGET=${TESTS_REST_BUDGET:-60}  # } beside the fine-tune
 FINETUNE_BUDGET=${FINETUNE_BUDGET:-105}
 TRAIN_WARM_BUDGET=${TRAIN_WARM_BUDGET:-105}  # beside the two above: compiles only
-TRAIN_BUDGET=${TRAIN_BUDGET:-160}
+TRAIN_BUDGET=${TRAIN_BUDGET:-155}
 ATTENTION_BUDGET=${ATTENTION_BUDGET:-55}
 LAYER_NORM_BUDGET=${LAYER_NORM_BUDGET:-25}
 LINEAR_GELU_BUDGET=${LINEAR_GELU_BUDGET:-50}
 INPUT_BUDGET=${INPUT_BUDGET:-20}
-INPUT_JPEG_BUDGET=${INPUT_JPEG_BUDGET:-35}
+INPUT_JPEG_BUDGET=${INPUT_JPEG_BUDGET:-45}
 if [ "$DRY_RUN" = 1 ]; then
   BENCH="$PY -m benchmarks.dry_run benchmarks"  # CPU stand-ins, tiny shapes: the structure, not the speed
   export TRITON_INTERPRET=1
@@ -142,7 +142,7 @@ fi
 # The input part's JPEG folder, written on the CPU meanwhile (ImageNet-sized photos; see benchmarks/jpeg_folder.py).
 JPEGS="$WORK/jpegs"
 if wants input; then
-  if [ "$DRY_RUN" = 1 ]; then JPEG_ARGS="--images 32 --size 64 48 --workers 2"; else JPEG_ARGS="--images 4096"; fi
+  if [ "$DRY_RUN" = 1 ]; then JPEG_ARGS="--images 32 --size 64 48 --workers 2"; else JPEG_ARGS="--images 2048"; fi
   run jpeg-folder "$TRAIN_WARM_BUDGET" "$OUT/bench.log" $PY -m benchmarks.jpeg_folder "$JPEGS" $JPEG_ARGS &
 fi
 wait
@@ -166,17 +166,17 @@ if wants micro; then
 fi
 if wants input; then
   echo "== input pipeline"
-  if [ "$DRY_RUN" = 1 ]; then INPUT_ARGS="--device cpu --batch_size 16 --iters 1"; WORKERS=2
-  else INPUT_ARGS=""; WORKERS=16; fi
+  if [ "$DRY_RUN" = 1 ]; then INPUT_ARGS="--device cpu --batch_size 16 --iters 1"; WORKERS=2; PHOTOS="--photos 4"
+  else INPUT_ARGS=""; WORKERS=16; PHOTOS=""; fi
   run input "$INPUT_BUDGET" "$OUT/bench.log" $PY -m benchmarks.bench_input_pipeline --quick $INPUT_ARGS
   # Each run writes bench_input_pipeline.csv: keep each under its own name.
   mv "$TABLES/bench_input_pipeline.csv" "$TABLES/input_cifar.csv" 2>/dev/null
   # The streaming path over the JPEG folder, once bench_input_pipeline has it (the data engineer's --imagefolder).
   HELP=$($PY -m benchmarks.bench_input_pipeline --help 2>&1)
   if [[ "$HELP" == *--imagefolder* ]]; then
-    WFLAG=$( [[ "$HELP" == *--num_workers* ]] && echo --num_workers || echo --workers )
+    [[ "$HELP" == *--photos* ]] || PHOTOS=""
     run input-jpeg "$INPUT_JPEG_BUDGET" "$OUT/bench.log" $PY -m benchmarks.bench_input_pipeline --quick $INPUT_ARGS \
-      --imagefolder "$JPEGS" $WFLAG $WORKERS
+      --imagefolder "$JPEGS" --num_workers $WORKERS $PHOTOS
     mv "$TABLES/bench_input_pipeline.csv" "$TABLES/input_jpeg.csv" 2>/dev/null
   else
     echo "input-jpeg,0,0,missing" >> "$TABLES/parts.csv"

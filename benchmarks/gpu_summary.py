@@ -325,7 +325,9 @@ class Summary:
             ratio = f"vs {auto['model']} auto training img/s" if auto else None
             out = []
             for r in rows:
-                cells = [_f(r[c], 4) if re.fullmatch(r"-?\d+\.\d*(e-?\d+)?", r[c] or "") else r[c] for c in cols]
+                cells = [_f(r[c], 4) if re.fullmatch(r"-?\d+\.\d*(e-?\d+)?", r[c] or "")
+                         else "the generated folder (benchmarks/jpeg_folder.py)" if "vitcore-gpu-check" in r[c]
+                         else r[c] for c in cols]
                 if ratio and r.get("img_per_s"):
                     cells.append(_x(float(r["img_per_s"]) / float(auto["img_per_s"])))
                 out.append(cells)
