@@ -52,9 +52,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
 
 
-def _finetune(work, name: str, *extra: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def _finetune(work, name: str, *extra: str, launcher: list[str] | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [PY, *(launcher or []), "-m", "train.finetune", *_args(work, name, *extra)]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
 
 
 def _train_losses(run_dir) -> dict[int, float]:
@@ -134,6 +135,27 @@ def test_torchrun_two_processes_agree_with_one(work, base_run):
     assert sorted(two) == [1, 2, 3, 4, 5]
     for step in two:
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+
+
+def test_torchrun_restart_after_sigkill_resumes_to_the_same_weights(work, tmp_path):
+    # `--resume auto` under torchrun --max-restarts: rank 1 SIGKILLs itself after step 6 (the first checkpoint is
+    # step 4); torchrun restarts both ranks, which continue from last.pt. Dropout stays on (step-seeded).
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    common = ("--num_steps", "10", "--eval_every", "4", "--resume", "auto")
+    ref = _finetune(work, "elastic-ref", *common, launcher=launcher)
+    assert ref.returncode == 0, ref.stderr
+    marker = tmp_path / "killed"
+    proc = _finetune(work, "elastic", *common, launcher=launcher, env={"VITCORE_TEST_SIGKILL": f"1:6:{marker}"})
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists(), "rank 1 was never killed"
+    assert "steps 1..10" in proc.stderr and "steps 5..10" in proc.stderr  # the restart resumed from step 4
+    a = load_checkpoint(str(work / "runs" / "elastic-ref" / "last.pt"))
+    b = load_checkpoint(str(work / "runs" / "elastic" / "last.pt"))
+    assert b["step"] == 10
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert _train_losses(work / "runs" / "elastic") == _train_losses(work / "runs" / "elastic-ref")
+    assert not os.path.exists(work / "runs" / "elastic" / ".lock")  # released at the end of the run
 
 
 def _colour_png(path, cls: int, size=(40, 48)) -> str:

@@ -15,9 +15,35 @@ __all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "resto
 
 
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
-    """torch.save through vitcore.fileio.atomic_write: `path` is always a whole checkpoint."""
+    """torch.save through vitcore.fileio.atomic_write: `path` is always a whole checkpoint.
+
+    A failed write (a full disk) raises its OSError, not the RuntimeError torch.save turns it into.
+    """
     with atomic_write(path, "wb") as f:
-        torch.save(state, f)
+        out = _Writes(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise OSError(out.error.errno, out.error.strerror, path) from None
+            raise
+
+
+class _Writes:
+    """A file's write(), remembering the OSError it raised (torch.save's writer reports only 'unexpected pos')."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:

@@ -90,6 +90,10 @@ def _classify(e: BaseException) -> tuple[int, str]:
     if is_out_of_memory(e):
         return 1, (f"out of memory ({one_line(e, limit=200)}): try a smaller --train_batch_size or "
                    "--eval_batch_size, --img_size or --model_type")
+    if isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset) by peer|NCCL communicator was aborted",
+                                                 str(e)):
+        return 1, (f"another process of this job stopped (its own error is above; torchrun --max-restarts N and "
+                   f"--resume auto continue the run): {one_line(e, limit=200)}")
     if isinstance(e, OSError):  # the disk, the network: the message names the file
         return 1, one_line(e)
     # Anything else is a bug of ours, still one line: the traceback is one flag away.

@@ -43,7 +43,14 @@ def setup(device: str | None = None) -> DistInfo:
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        timeout = datetime.timedelta(minutes=30)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None:
+            # torchrun's agent keeps one store across --max-restarts: without a prefix per attempt, a restarted group
+            # reads the dead attempt's gloo/NCCL addresses and fails to connect.
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            kwargs.update(store=dist.PrefixStore(f"vitcore/attempt_{restart}/", store), rank=rank, world_size=world)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistInfo(rank, local_rank, world, dev)
 
 

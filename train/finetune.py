@@ -503,7 +503,11 @@ def train(args: argparse.Namespace) -> int:
     """Run one fine-tuning job from parsed, validated args; returns the exit code."""
     dist = distributed.setup(args.device)
     try:
-        return _train(args, dist)
+        code = _train(args, dist)
+        # Leave together: a rank that tears its process group down while rank 0 still writes the last checkpoint
+        # can abort in gloo ("terminate called without an active exception").
+        distributed.barrier()
+        return code
     finally:
         distributed.cleanup()
 
