@@ -3,6 +3,7 @@ checkpoint I/O, FLOP counting, download (against a local HTTP server) and metric
 
 from __future__ import annotations
 
+import argparse
 import functools
 import http.server
 import io
@@ -351,22 +352,24 @@ def test_pretrained_dir_may_be_a_folder_holding_the_model_file(tmp_path):
 
 
 def test_load_data_reads_each_split_once(tmp_path, monkeypatch):
-    # Decoding an image folder is the slow part of start-up: the training split must not be read twice.
-    import train.data as data_mod
+    # Indexing an image folder is the slow part of start-up: the training split must not be listed twice, and
+    # nothing is decoded up front (the split streams from its files).
+    import train.datasets as datasets_mod
     from train.distributed import DistInfo
     from train.finetune import _load_data
+    from train.streaming import StreamSet
 
     for split in ("train", "test"):
         for k, cls in enumerate(["a", "b"]):
             _png(str(tmp_path / split / cls / "0.png"), 60 * k)
     calls = []
-    real = data_mod.load_imagefolder
-    monkeypatch.setattr(data_mod, "load_imagefolder", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    real = datasets_mod.index_folder
+    monkeypatch.setattr(datasets_mod, "index_folder", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
     args = parse_args(["--dataset", "imagefolder", "--data_dir", str(tmp_path), "--img_size", "16",
                        "--model_type", "testing", "--no_progress"])
-    train_set, test_set = _load_data(args, DistInfo(0, 0, 1, torch.device("cpu")))
-    assert sorted(calls) == ["test", "train"]
-    assert len(train_set) == len(test_set) == 2 and train_set.images.shape[-1] == 16
+    train_set, test_set, final_test = _load_data(args, DistInfo(0, 0, 1, torch.device("cpu")))
+    assert sorted(calls) == ["test", "train"] and final_test is None
+    assert len(train_set) == len(test_set) == 2 and isinstance(train_set, StreamSet)
 
 
 def test_imagefolder_test_split_with_an_unknown_class_is_refused(tmp_path):
@@ -448,7 +451,7 @@ def test_each_node_downloads_its_own_data(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     ft._load_data(args, DistInfo(rank=4, local_rank=0, world_size=8, device=cpu))  # node 1's first process
     assert calls == [("cifar10", str(tmp_path))]
-    train_set, test_set = ft._load_data(args, DistInfo(rank=5, local_rank=1, world_size=8, device=cpu))
+    train_set, test_set, _ = ft._load_data(args, DistInfo(rank=5, local_rank=1, world_size=8, device=cpu))
     assert len(calls) == 1 and len(train_set) == 20 and len(test_set) == 10
 
 
@@ -472,3 +475,63 @@ def test_explicit_flags_are_only_those_the_command_line_gives():
     # The normal parser keeps its defaults (the second parse works on its own parser).
     assert parse_args(["--resume", "auto", "--name", "x"]).resume == "auto"
     assert parse_args([]).resume is None and parse_args([]).name is None
+
+
+def test_help_states_every_flags_default():
+    from train.args import _DefaultsFormatter, build_parser
+
+    parser = build_parser()
+    fmt = _DefaultsFormatter(parser.prog)
+    for action in parser._actions:
+        if action.option_strings and action.default is not argparse.SUPPRESS:
+            shown = fmt._format_action(action)
+            assert "default" in shown, action.option_strings
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "-0.5", "1", "x"])
+def test_finite_float_refuses_non_finite_and_out_of_range(text):
+    from train.args import finite_float
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        finite_float(0, 1, hi_open=True)(text)
+    assert finite_float(0, 1, hi_open=True)("0.25") == 0.25 and finite_float()("-3") == -3.0
+
+
+def test_run_lock_is_exclusive_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from train.run_folder import RunLock
+
+    run = str(tmp_path / "run")
+    first = RunLock(run)
+    assert first.acquire() is None
+    with pytest.raises(UsageError, match=f"in use by PID {os.getpid()} on host"):
+        RunLock(run).acquire()  # another open file description: flock refuses it even in this process
+    first.release()
+    assert not os.path.exists(os.path.join(run, ".lock"))
+    # A holder killed with SIGKILL: the kernel drops its flock, its file stays and names it.
+    code = "import os, sys; from train.run_folder import RunLock; l = RunLock(sys.argv[1]); l.acquire(); os._exit(9)"
+    subprocess.run([sys.executable, "-c", code, run], check=False)
+    again = RunLock(run)
+    note = again.acquire()
+    assert note is not None and "no longer running" in note
+    again.release()
+
+
+def test_move_aside_keeps_every_file_and_the_lock(tmp_path):
+    from train.run_folder import move_aside
+
+    run = tmp_path / "r"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"x")
+    (run / ".lock").write_text("PID 1")
+    dest = move_aside(str(run))
+    assert sorted(os.listdir(dest)) == ["last.pt", "tensorboard"] and os.listdir(run) == [".lock"]
+    assert os.path.basename(dest).startswith("r.old-")
+
+
+def test_one_line_strips_terminal_control_sequences():
+    from train.cli import one_line
+
+    assert one_line("bad \x1b[31mred\x1b[0m name\n\x1b]0;title\x07second line\x07") == "bad red name; second line"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -37,12 +38,23 @@ class _Parser(argparse.ArgumentParser):
 
 class _DefaultsFormatter(argparse.HelpFormatter):
     # --help shows every flag's default: appended unless the help text already states it.
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)  # argparse prints no help line at all for a flag without help text
+            action.help = f"default: {self._default(action)}"
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
             return text
-        default = "off" if action.default is False else "none" if action.default is None else "%(default)s"
-        return f"{text} (default: {default})" if text else f"default: {default}"
+        return f"{text} (default: {self._default(action)})"
+
+    @staticmethod
+    def _default(action: argparse.Action) -> str:
+        if action.default is False or action.default is None and action.nargs == 0:  # store_true / store_const
+            return "off"
+        return "none" if action.default is None else "%(default)s"
 
 
 def finite_float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
@@ -87,8 +99,20 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
              help="run folder under --output_dir, owned by one job at a time (default: a new "
                   "<model_type>-<dataset>-<YYYYmmdd-HHMMSS>)")
     add_flag(p, "output_dir", default="output", help="parent of run folders")
-    add_flag(p, "dataset", choices=["cifar10", "cifar100", "imagefolder"], default="cifar10")
-    add_flag(p, "data_dir", default="data", help="dataset root (CIFAR is downloaded here when missing)")
+    from .datasets import DATASETS  # (train.datasets imports this module)
+
+    add_flag(p, "dataset", choices=DATASETS, default="cifar10",
+             help="imagefolder: <data_dir>/{train,test[,val]}/<class>/*; imagenet2012: <data_dir>/{train,val}/<wnid>/* "
+                  "(val is the test split); every dataset but CIFAR streams from its files")
+    add_flag(p, "data_dir", default="data",
+             help="dataset root (CIFAR, oxford_iiit_pet and oxford_flowers102 are downloaded here when missing)")
+    add_flag(p, "val_split", type=finite_float(0, 1, hi_open=True), default=0.0,
+             help="hold out this fraction of the training split (stratified, from --seed) for validation: every "
+                  "evaluation then runs on it, best.pt is chosen on it, and the test split is evaluated once at "
+                  "the end (datasets with their own validation split use that one)")
+    add_flag(p, "skip_bad_images", action="store_true",
+             help="leave out empty or non-image files, and replace a file that fails to decode by the next image "
+                  "of its split (each logged once) instead of stopping")
     # Plain strings: the check happens in validate() so an unknown name gives one clear line with the valid ones.
     add_flag(p, "model_type", default=None,
              help="one of: " + ", ".join(OFFICIAL_NAMES) + " (or an alias: AugReg's B_16, R_Ti_16..., R50-ViT-B_16); "
@@ -126,7 +150,9 @@ def build_parser(prog: str = "python -m train.finetune") -> argparse.ArgumentPar
              help="start a new run in a folder that holds one: the old run is moved to <name>.old-<timestamp>")
     add_flag(p, "debug", action="store_true", help="show the traceback of an error (also VITCORE_DEBUG=1)")
     add_flag(p, "device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    add_flag(p, "num_workers", type=int, default=None, help="CPU threads for torch on CPU (default: torch's)")
+    add_flag(p, "num_workers", type=int, default=None,
+             help="data-loading worker processes per training process for streamed datasets (0: load in the "
+                  "training process; CIFAR needs none); default: the usable cores / processes on this node - 1")
     add_flag(p, "no_progress", action="store_true", help="no tqdm bar (logs only)")
     add_recipe_flags(p)  # optimizer, soft targets, drop path, layer decay, EMA, memory/speed, linear probe
     # Accepted so that jeonsworld/ViT-pytorch command lines run unchanged; they select nothing here.
@@ -272,4 +298,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.resume and args.name is not None:
         args = _resumed(args, explicit_flags(build_parser(), argv))
+        try:
+            return validate(args)
+        except (TypeError, AttributeError) as e:  # a last.pt whose "args" were edited by hand
+            raise UsageError(f"--resume: {os.path.join(args.output_dir, args.name, 'last.pt')} stores arguments "
+                             f"that do not parse ({type(e).__name__}: {e})") from None
     return validate(args)

@@ -16,7 +16,7 @@ import vitcore
 
 from .args import UsageError
 from .download import DownloadError
-from .safe_pickle import UnsafePickleError
+from .safe_pickle import DatasetFileError, UnsafePickleError
 
 __all__ = ["Interrupted", "TrainingError", "is_out_of_memory", "one_line", "run_cli"]
 
@@ -30,7 +30,8 @@ class Interrupted(TrainingError):
 
 
 # Input the user can fix: exit code 2.
-_INPUT_ERRORS = (UsageError, vitcore.CheckpointError, vitcore.NpzError, UnsafePickleError, FileNotFoundError,
+_INPUT_ERRORS = (UsageError, vitcore.CheckpointError, vitcore.NpzError, UnsafePickleError, DatasetFileError,
+                 FileNotFoundError,
                  IsADirectoryError, NotADirectoryError, PermissionError)
 
 # Terminal control sequences (colours, cursor moves, titles) and other control characters: a file name or a

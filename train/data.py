@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .safe_pickle import safe_load
+from .safe_pickle import DatasetFileError, check_cifar_batch, read_dataset_pickle
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -103,11 +103,7 @@ class ResidentStepBatch:
 
 
 def _read_batch(path: str) -> dict:
-    with open(path, "rb") as f:
-        d = safe_load(f, encoding="bytes")
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a dict in a CIFAR batch, got {type(d).__name__}")
-    return d
+    return read_dataset_pickle(path)  # a dict, or an error naming the file
 
 
 def load_cifar(root: str, dataset: str, train: bool) -> ImageSet:
@@ -125,12 +121,16 @@ def load_cifar(root: str, dataset: str, train: bool) -> ImageSet:
     datas, labels = [], []
     for name in files:
         d = _read_batch(os.path.join(root, name))
+        check_cifar_batch(os.path.join(root, name), d, label_key, 10 if dataset == "cifar10" else 100)
         datas.append(np.asarray(d[b"data"], dtype=np.uint8))
         labels.extend(int(v) for v in d[label_key])
     data = np.concatenate(datas).reshape(-1, 3, 32, 32)  # rows are channel-major 3x32x32
     meta_path = os.path.join(root, meta_file)
     if os.path.exists(meta_path):
-        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in _read_batch(meta_path)[names_key]]
+        meta = _read_batch(meta_path)
+        if not isinstance(meta.get(names_key), list):
+            raise DatasetFileError(f"{meta_path}: no {names_key.decode()!r} list of class names")
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
     else:
         classes = CIFAR10_CLASSES if dataset == "cifar10" else [str(i) for i in range(100)]
     return ImageSet(torch.from_numpy(data.copy()), torch.tensor(labels, dtype=torch.int64), classes)
