@@ -376,3 +376,97 @@ def test_memory_does_not_grow_with_the_number_of_files(tmp_path):
         assert peaks[n]["files"] == n and peaks[n]["eval"] == 1
     grow = {k: (peaks[8000][k] - peaks[2000][k]) / 1024 for k in ("self_kb", "workers_kb")}
     assert grow["self_kb"] < 12 and grow["workers_kb"] < 12, (grow, peaks)
+
+
+# ---------------------------------------------------------------- end to end: train.finetune on a streamed folder
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    """A JPEG/PNG folder of 3 colour classes at several sizes (learnable from any crop) and an output folder."""
+    root = tmp_path_factory.mktemp("stream_e2e")
+    palette = [(220, 30, 40), (30, 200, 60), (40, 60, 220)]
+    for split, n in (("train", 10), ("test", 4)):
+        for k, name in enumerate(("red", "green", "blue")):
+            os.makedirs(root / "data" / split / name)
+            for i in range(n):
+                w, h = 36 + 7 * i, 60 - 3 * i
+                img = np.clip(np.array(palette[k]) + _pattern(h, w, seed=i)[..., :1] / 8 - 16, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(root / "data" / split / name / f"{i}.{'png' if i % 3 == 0 else 'jpg'}")
+    return root
+
+
+def _finetune(root, name: str, *extra: str, launcher: tuple[str, ...] = (), wait: bool = True):
+    cmd = [sys.executable, *launcher, "-m", "train.finetune", "--dataset", "imagefolder", "--data_dir",
+           str(root / "data"), "--output_dir", str(root / "runs"), "--name", name, "--model_type", "testing",
+           "--pretrained_dir", "none", "--img_size", "32", "--train_batch_size", "8", "--eval_batch_size", "16",
+           "--learning_rate", "0.05", "--warmup_steps", "5", "--num_workers", "2", "--no_progress", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _metrics(run_dir) -> list[dict]:
+    import csv
+
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_streamed_run_killed_and_resumed_ends_with_the_same_weights(streamed):
+    import signal
+    import time
+
+    from train.checkpointing import load_checkpoint
+
+    common = ("--num_steps", "12", "--eval_every", "4", "--augment", "official")  # dropout stays on (0.1)
+    ref = _finetune(streamed, "ref", *common)
+    assert ref.returncode == 0, ref.stderr
+    victim = _finetune(streamed, "killed", *common, wait=False)
+    last = streamed / "runs" / "killed" / "last.pt"
+    deadline = time.time() + 300
+    while not last.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_checkpoint(str(last))["step"] < 12
+    resumed = _finetune(streamed, "killed", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = (load_checkpoint(str(streamed / "runs" / n / "last.pt")) for n in ("ref", "killed"))
+    assert b["step"] == 12 and b["train_size"] == 30
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    losses = [{r["step"]: r["loss"] for r in _metrics(streamed / "runs" / n) if r["split"] == "train"}
+              for n in ("ref", "killed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 12
+
+
+def test_streamed_two_processes_see_the_one_process_batches(streamed):
+    # Steps 1..4 are warmup (their lr does not depend on --num_steps); without dropout the losses must agree.
+    one = _finetune(streamed, "one", "--num_steps", "4", "--eval_every", "4", "--dropout", "0")
+    two = _finetune(streamed, "two", "--num_steps", "4", "--eval_every", "4", "--dropout", "0",
+                    launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0 and "2 process(es)" in two.stderr, two.stderr
+    losses = [[float(r["loss"]) for r in _metrics(streamed / "runs" / n) if r["split"] == "train"]
+              for n in ("one", "two")]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
+
+
+def test_val_split_selects_on_val_and_tests_once_at_the_end(streamed):
+    from train.checkpointing import load_checkpoint
+
+    proc = _finetune(streamed, "val", "--num_steps", "6", "--eval_every", "2", "--val_split", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    assert "(24 train / 6 val / 12 test)" in proc.stderr
+    rows = _metrics(streamed / "runs" / "val")
+    evals = [(int(r["step"]), r["split"]) for r in rows if r["split"] != "train"]
+    assert evals == [(2, "val"), (4, "val"), (6, "val"), (6, "test")]
+    best = load_checkpoint(str(streamed / "runs" / "val" / "best.pt"))
+    assert best["best_accuracy"] == pytest.approx(max(float(r["accuracy"]) for r in rows if r["split"] == "val"))
+    test_acc = float(rows[-1]["accuracy"])
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("done: best val accuracy") and f"test accuracy {100 * test_acc:.2f}%" in summary
+    again = _finetune(streamed, "val", "--num_steps", "6", "--resume", "--val_split", "0.3")
+    assert again.returncode == 2 and "--val_split 0.2" in again.stderr

@@ -14,7 +14,7 @@ from vitcore.precision import autocast_dtype
 
 from .args import UsageError, _Parser, add_flag
 from .cli import run_cli
-from .data import ImageSet, eval_shard, eval_transform, load_split
+from .data import ImageSet, load_split
 from .distributed import all_reduce_sum
 from .official import CHECKPOINT_HELP, restore
 
@@ -27,17 +27,14 @@ _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 def evaluate_model(model: torch.nn.Module, test: ImageSet, img_size: int, batch_size: int,
                    precision: str = "fp32", rank: int = 0, world_size: int = 1) -> tuple[float, float]:
     """(mean loss, top-1 accuracy) over the whole test set; each rank takes every world_size-th example and
-    the sums are reduced, so every example counts exactly once, remainder included."""
-    device = test.images.device
-    idx = eval_shard(len(test), rank, world_size).to(device)
+    the sums are reduced, so every example counts exactly once, remainder included. `test` is an ImageSet or a
+    streamed split (train.streaming.StreamSet): both yield resized, normalised batches on their device."""
+    device = test.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     was_training = model.training
     model.eval()
     amp = torch.autocast(device.type, dtype=autocast_dtype(precision), enabled=precision != "fp32")
-    for start in range(0, idx.numel(), batch_size):
-        chunk = idx[start:start + batch_size]
-        x = eval_transform(test.images[chunk], img_size)  # (b, 3, S, S)
-        y = test.labels[chunk]
+    for x, y in test.eval_batches(img_size, batch_size, rank, world_size):  # x: (b, 3, S, S)
         with amp:
             logits = model(x)
         logits = logits.float()

@@ -31,7 +31,8 @@ from . import distributed
 from .args import UsageError, check_cpu_model, parse_args
 from .checkpointing import load_checkpoint, save_checkpoint
 from .cli import Interrupted, TrainingError, is_out_of_memory, one_line, run_cli
-from .data import ImageSet, StepSampler, augment_batch, crop_params, load_split
+from .data import ImageSet
+from .datasets import DOWNLOADS, Split, ensure_dataset, open_dataset
 from .download import CIFAR, ensure_cifar
 from .ema import ModelEMA
 from .evaluate import evaluate_model
@@ -49,6 +50,7 @@ from .run_folder import (
     will_resume,
 )
 from .schedule import WarmupDecaySchedule
+from .streaming import default_num_workers
 
 __all__ = ["main", "train"]
 
@@ -84,16 +86,34 @@ def _pretrained_path(args: argparse.Namespace, fetch: bool = False, progress: bo
     return run_pretrained_path(args.pretrained_dir, args.model_type, progress, fetch)
 
 
-def _load_data(args: argparse.Namespace, dist: distributed.DistInfo) -> tuple[ImageSet, ImageSet]:
+def _load_data(args: argparse.Namespace, dist: distributed.DistInfo) -> tuple[Split, Split, Split | None]:
+    """(train, the split every evaluation runs on, the test split evaluated once at the end when those evaluations
+    run on a validation split, else None). CIFAR is held on the device; every other dataset streams from its
+    files through --num_workers worker processes (train.streaming)."""
     # The first process of each node downloads (nodes need not share a filesystem; where they do, the temp file +
     # rename keeps concurrent downloads whole); the others wait, then everyone reads the files (each split once).
-    if dist.local_rank == 0 and args.dataset in CIFAR:
-        ensure_cifar(args.dataset, args.data_dir, progress=dist.is_main and not args.no_progress)
+    if dist.local_rank == 0:
+        progress = dist.is_main and not args.no_progress
+        if args.dataset in CIFAR:
+            ensure_cifar(args.dataset, args.data_dir, progress=progress)
+        elif args.dataset in DOWNLOADS:
+            ensure_dataset(args.dataset, args.data_dir, progress=progress)
     distributed.barrier()
-    train_set = load_split(args.dataset, args.data_dir, True, args.img_size, download=False)
-    test_set = load_split(args.dataset, args.data_dir, False, args.img_size, classes=train_set.classes,
-                          download=False)
-    return train_set.to(dist.device), test_set.to(dist.device)
+    workers = default_num_workers() if args.num_workers is None else args.num_workers
+
+    def note(message: str) -> None:  # files left out when indexing: every rank finds the same ones
+        if dist.is_main:
+            print(message, file=sys.stderr)
+
+    splits = open_dataset(args.dataset, args.data_dir, val_split=args.val_split, seed=args.seed, num_workers=workers,
+                          skip_bad_images=args.skip_bad_images, log=note)
+    found = [s for s in (splits.train, splits.val, splits.test) if s is not None]
+    for s in found:
+        if not isinstance(s, ImageSet):  # a file skipped while decoding: each rank reads its own shard
+            s.log = lambda m: print(f"[rank {dist.rank}] {m}" if dist.world_size > 1 else m, file=sys.stderr)
+    train_set, val_set, test_set = (s.to(dist.device) if s is not None else None
+                                    for s in (splits.train, splits.val, splits.test))
+    return (train_set, val_set, test_set) if val_set is not None else (train_set, test_set, None)
 
 
 def _build_model(args: argparse.Namespace, cfg: vitcore.ViTConfig, num_classes: int,
@@ -173,6 +193,14 @@ class Run:
     t_start: float = field(default_factory=time.time)
     train_time: float = 0.0
     images_seen: int = 0
+    final_test: Any = None  # the test split when evaluations run on a validation split: evaluated once, at the end
+    test_eval: tuple[float, float] | None = None  # (loss, accuracy) of that final test
+    batches: Any = None  # the training batches of the remaining steps, one per step (train_batches)
+
+    @property
+    def eval_split(self) -> str:
+        """The split every evaluation runs on, as metrics.csv names it."""
+        return "val" if self.final_test is not None else "test"
 
     @property
     def args(self) -> argparse.Namespace:
@@ -184,8 +212,6 @@ class Run:
 
 def prepare(args: argparse.Namespace, dist: distributed.DistInfo) -> RunPlan:
     """Check what needs the world size or the run folder, and read last.pt when resuming."""
-    if args.num_workers and dist.device.type == "cpu":
-        torch.set_num_threads(args.num_workers)
     cfg = vitcore.CONFIGS[args.model_type]
     check_cpu_model(args, cfg, dist.device)  # before any download: `make finetune` on a laptop fails at once
     if args.dropout is not None:
@@ -263,6 +289,9 @@ def _read_resume_checkpoint(plan: RunPlan) -> dict[str, Any]:
     if (saved.get("seed"), saved.get("train_batch_size")) != (args.seed, args.train_batch_size):
         raise UsageError(f"--resume: {path} was trained with --seed {saved.get('seed')} --train_batch_size "
                          f"{saved.get('train_batch_size')}; pass the same values")
+    if saved.get("val_split", 0.0) != args.val_split:  # it decides which images train
+        raise UsageError(f"--resume: {path} was trained with --val_split {saved.get('val_split', 0.0)}, not "
+                         f"{args.val_split}; pass the same value")
     if ck.get("img_size") != args.img_size:
         raise UsageError(f"--resume: {path} was trained at --img_size {ck.get('img_size')}, not {args.img_size}; "
                          "pass the same value")
@@ -285,7 +314,7 @@ def _read_resume_checkpoint(plan: RunPlan) -> dict[str, Any]:
 def build(plan: RunPlan) -> Run:
     """Data, model (pretrained weights unless resuming), optimizer, schedule and loss scaler."""
     args, dist = plan.args, plan.dist
-    train_set, eval_set = _load_data(args, dist)
+    train_set, eval_set, final_test = _load_data(args, dist)
     # A resumed run takes its weights from last.pt: no need to read (or download) the pretrained file.
     model, pretrained = _build_model(args, plan.cfg, len(train_set.classes), dist, load=plan.resume is None)
     model.set_grad_checkpointing(args.grad_checkpointing)
@@ -302,7 +331,7 @@ def build(plan: RunPlan) -> Run:
     if args.compile:
         ddp = torch.compile(ddp)  # the training forward; evaluation runs the plain model
     return Run(plan, train_set, eval_set, model, ddp, optimizer, schedule, scaler, pretrained, ema,
-               mixup_from_args(args, len(train_set.classes)))
+               mixup_from_args(args, len(train_set.classes)), final_test=final_test)
 
 
 def restore(run: Run) -> None:
@@ -329,6 +358,10 @@ def restore(run: Run) -> None:
             run.scaler.load_state_dict(ck["scaler"])
         run.step, run.best = ck["step"], (ck["best_accuracy"], ck["best_step"])
         run.saved_step = run.step
+        if ck.get("train_size", len(run.train_set)) != len(run.train_set) and plan.dist.is_main:
+            print(f"note: --resume: the training split now has {len(run.train_set)} images, {plan.last_path}'s run "
+                  f"had {ck['train_size']}: the remaining steps do not see the batches the original run would have",
+                  file=sys.stderr)
         plan.resume = None  # the weights now live in the model; free the copy
     dist, args = plan.dist, run.args
     run.logger = MetricsLogger(plan.run_dir, enabled=dist.is_main, resume_step=run.step if args.resume else None)
@@ -337,8 +370,9 @@ def restore(run: Run) -> None:
                     "world_size": dist.world_size, "micro_batch_per_rank": plan.micro, "device": str(dist.device),
                     "num_classes": len(run.train_set.classes)}
         write_args_json(resolved, os.path.join(plan.run_dir, "args.json"))
+        final = f" / {len(run.final_test)} test" if run.final_test is not None else ""
         print(f"{args.model_type} {args.img_size}px on {args.dataset} ({len(run.train_set)} train / "
-              f"{len(run.eval_set)} test), {dist.world_size} process(es) on {dist.device}, batch "
+              f"{len(run.eval_set)} {run.eval_split}{final}), {dist.world_size} process(es) on {dist.device}, batch "
               f"{args.train_batch_size} = {dist.world_size} x {plan.accum} x {plan.micro}, {plan.precision}, "
               f"steps {run.step + 1}..{args.num_steps}", file=sys.stderr)
     run.bar = tqdm(total=args.num_steps, initial=run.step, disable=not dist.is_main or args.no_progress,
@@ -348,17 +382,15 @@ def restore(run: Run) -> None:
 def _micro_batches(run: Run, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This process's micro-batches of global batch `step`: (images (m, 3, S, S), labels (m,)), each a pure
     function of (seed, step), so a resumed run and any number of processes see the same global batches."""
-    plan, args, images = run.plan, run.args, run.train_set.images
-    sampler = StepSampler(len(run.train_set), args.train_batch_size, args.seed)
-    idx = sampler.indices(step)  # (global_batch,) the same on every rank
-    boxes, flips = crop_params(args.train_batch_size, *images.shape[-2:], args.seed, step,
-                               flip=args.augment == "official")
-    mine = slice(plan.dist.rank * plan.per_rank, (plan.dist.rank + 1) * plan.per_rank)  # this rank's shard
-    idx, boxes, flips = idx[mine].to(plan.dist.device), boxes[mine], flips[mine]
+    plan, args = run.plan, run.args
+    if run.batches is None:  # one stream for the remaining steps (a streamed split's workers read ahead)
+        run.batches = iter(run.train_set.train_batches(args.train_batch_size, plan.dist.rank, plan.dist.world_size,
+                                                       args.seed, args.img_size, args.augment == "official", step,
+                                                       args.num_steps))
+    batch = next(run.batches)  # this rank's shard of global batch `step`
+    assert batch.step == step, (batch.step, step)
     for k in range(plan.accum):
-        part = slice(k * plan.micro, (k + 1) * plan.micro)
-        yield augment_batch(images[idx[part]], boxes[part], flips[part], args.img_size), run.train_set.labels[
-            idx[part]]
+        yield batch.micro(slice(k * plan.micro, (k + 1) * plan.micro))  # (m, 3, S, S), (m,)
 
 
 def train_step(run: Run, step: int) -> float:
@@ -428,6 +460,7 @@ def _checkpoint_state(run: Run) -> dict[str, Any]:
         "img_size": run.args.img_size,
         "num_classes": len(run.train_set.classes),
         "classes": list(run.train_set.classes),
+        "train_size": len(run.train_set),  # the data order is a function of (seed, step) over these images
         "args": dict(vars(run.args)),
         "best_accuracy": run.best[0],
         "best_step": run.best[1],
@@ -439,15 +472,7 @@ def _checkpoint_state(run: Run) -> dict[str, Any]:
 def evaluate_and_save(run: Run) -> None:
     """Evaluate the weights of step `run.step`; log; write last.pt (and best.pt when it improved); plot."""
     plan, args, dist, step = run.plan, run.args, run.plan.dist, run.step
-    try:
-        loss, acc = evaluate_model(run.model, run.eval_set, args.img_size, args.eval_batch_size, plan.precision,
-                                   dist.rank, dist.world_size)
-    except (RuntimeError, MemoryError) as e:
-        if not is_out_of_memory(e):
-            raise
-        raise TrainingError(f"out of memory evaluating at step {step} with --eval_batch_size "
-                            f"{args.eval_batch_size}; try --eval_batch_size {max(1, args.eval_batch_size // 2)}"
-                            ) from None
+    loss, acc = _evaluate(run, run.model, run.eval_set)
     if not math.isfinite(loss):  # never checkpoint weights that evaluate to NaN/inf
         raise TrainingError(f"evaluation loss is {loss} at step {step}: the weights diverged; nothing was saved "
                             f"for this step; try a lower --learning_rate (now {args.learning_rate}) or a smaller "
@@ -459,10 +484,12 @@ def evaluate_and_save(run: Run) -> None:
     run.last_eval = (loss, acc)
     if not dist.is_main:
         return
-    run.logger.log(step, "test", loss=loss, accuracy=acc, elapsed_s=time.time() - run.t_start)
+    split = run.eval_split  # "val" when there is a validation split: best.pt is chosen on it
+    run.logger.log(step, split, loss=loss, accuracy=acc, elapsed_s=time.time() - run.t_start)
     chosen = acc
     if ema_eval is not None:
-        run.logger.log(step, "test_ema", loss=ema_eval[0], accuracy=ema_eval[1], elapsed_s=time.time() - run.t_start)
+        run.logger.log(step, f"{split}_ema", loss=ema_eval[0], accuracy=ema_eval[1],
+                       elapsed_s=time.time() - run.t_start)
         run.preferred_weights = "ema" if ema_eval[1] > acc else "model"
         chosen = max(acc, ema_eval[1])  # best.pt is chosen on the better of the two
     run.logger.flush()  # metrics.csv holds every row up to `step` before a checkpoint says the run got there
@@ -476,8 +503,39 @@ def evaluate_and_save(run: Run) -> None:
         save_checkpoint(state, plan.best_path)
     plot_curves(run.logger.csv_path, os.path.join(plan.run_dir, "curves.png"))
     ema_note = f"  EMA {100 * ema_eval[1]:.2f}%  loss {ema_eval[0]:.4f}" if ema_eval is not None else ""
-    run.bar.write(f"step {step}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}{ema_note}  (best "
+    run.bar.write(f"step {step}: {split} accuracy {100 * acc:.2f}%  loss {loss:.4f}{ema_note}  (best "
                   f"{100 * run.best[0]:.2f}% at step {run.best[1]})")
+
+
+def _evaluate(run: Run, module: torch.nn.Module, data: Split) -> tuple[float, float]:
+    """(loss, accuracy) of `module` on `data`, every rank its shard; out of memory becomes advice."""
+    args, plan = run.args, run.plan
+    try:
+        return evaluate_model(module, data, args.img_size, args.eval_batch_size, plan.precision, plan.dist.rank,
+                              plan.dist.world_size)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise TrainingError(f"out of memory evaluating at step {run.step} with --eval_batch_size "
+                            f"{args.eval_batch_size}; try --eval_batch_size {max(1, args.eval_batch_size // 2)}"
+                            ) from None
+
+
+def evaluate_test(run: Run) -> None:
+    """When evaluations ran on a validation split: the test split, once, with the final weights (and the EMA's)."""
+    if run.final_test is None:
+        return
+    run.test_eval = _evaluate(run, run.model, run.final_test)
+    ema_eval = _evaluate(run, run.ema.module, run.final_test) if run.ema is not None else None
+    if not run.plan.dist.is_main:
+        return
+    elapsed = time.time() - run.t_start
+    run.logger.log(run.step, "test", loss=run.test_eval[0], accuracy=run.test_eval[1], elapsed_s=elapsed)
+    if ema_eval is not None:
+        run.logger.log(run.step, "test_ema", loss=ema_eval[0], accuracy=ema_eval[1], elapsed_s=elapsed)
+    run.logger.flush()
+    run.bar.write(f"step {run.step}: test accuracy {100 * run.test_eval[1]:.2f}%  loss {run.test_eval[0]:.4f} "
+                  f"(the test split, once, with the final weights)")
 
 
 def summarise(run: Run) -> None:
@@ -493,8 +551,10 @@ def summarise(run: Run) -> None:
         util = mfu(img_s, plan.cfg, run.args.img_size, len(run.train_set.classes),
                    torch.cuda.get_device_name(dist.device), plan.precision)
     wall = time.time() - run.t_start
-    print(f"done: best accuracy {100 * run.best[0]:.2f}% at step {run.best[1]}; final accuracy "
-          f"{100 * run.last_eval[1]:.2f}%; wall time {wall // 3600:.0f}:{wall % 3600 // 60:02.0f}:"
+    on = "val " if run.final_test is not None else ""
+    test = f"; test accuracy {100 * run.test_eval[1]:.2f}%" if run.test_eval is not None else ""
+    print(f"done: best {on}accuracy {100 * run.best[0]:.2f}% at step {run.best[1]}; final {on}accuracy "
+          f"{100 * run.last_eval[1]:.2f}%{test}; wall time {wall // 3600:.0f}:{wall % 3600 // 60:02.0f}:"
           f"{wall % 60:02.0f}; {img_s:.1f} img/s" + (f"; MFU {100 * util:.1f}%" if util is not None else "")
           + f"; run folder {plan.run_dir}")
 
@@ -526,6 +586,7 @@ def _train(args: argparse.Namespace, dist: distributed.DistInfo) -> int:
             _test_sigkill_hook(dist.rank, step)
         if math.isnan(run.last_eval[1]):  # resumed a finished run: evaluate once so the summary has numbers
             evaluate_and_save(run)  # the weights are those of its last step, even when --num_steps is now lower
+        evaluate_test(run)
         summarise(run)
         return 0
     except KeyboardInterrupt:

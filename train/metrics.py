@@ -94,15 +94,17 @@ def plot_curves(csv_path: str, out_path: str) -> None:
 
     rows = read_metrics(csv_path)
     train = [r for r in rows if r["split"] == "train"]
-    test = [r for r in rows if r["split"] == "test"]
+    # The evaluated split: validation when the run has one (--val_split; test is then evaluated once, at the end).
+    name = "val" if any(r["split"] == "val" for r in rows) else "test"
+    test = [r for r in rows if r["split"] == name]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     ax = axes[0]
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=0.8)
-    ax.plot([r["step"] for r in test], [r["loss"] for r in test], "o-", label="test")
+    ax.plot([r["step"] for r in test], [r["loss"] for r in test], "o-", label=name)
     ax.set(title="loss", xlabel="step")
     ax.legend()
     axes[1].plot([r["step"] for r in test], [100 * r["accuracy"] for r in test], "o-")
-    axes[1].set(title="test accuracy (%)", xlabel="step")
+    axes[1].set(title=f"{name} accuracy (%)", xlabel="step")
     axes[2].plot([r["step"] for r in train], [r["lr"] for r in train])
     axes[2].set(title="learning rate", xlabel="step")
     for a in axes:
