@@ -442,12 +442,18 @@ def test_streamed_run_killed_and_resumed_ends_with_the_same_weights(streamed):
     assert losses[0] == losses[1] and len(losses[0]) == 12
 
 
-def test_streamed_two_processes_see_the_one_process_batches(streamed):
+@pytest.fixture(scope="module")
+def one_process(streamed):
+    """4 steps without dropout, evaluated at step 4."""
+    proc = _finetune(streamed, "one", "--num_steps", "4", "--eval_every", "4", "--dropout", "0")
+    assert proc.returncode == 0, proc.stderr
+    return streamed / "runs" / "one"
+
+
+def test_streamed_two_processes_see_the_one_process_batches(streamed, one_process):
     # Steps 1..4 are warmup (their lr does not depend on --num_steps); without dropout the losses must agree.
-    one = _finetune(streamed, "one", "--num_steps", "4", "--eval_every", "4", "--dropout", "0")
     two = _finetune(streamed, "two", "--num_steps", "4", "--eval_every", "4", "--dropout", "0",
                     launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
-    assert one.returncode == 0, one.stderr
     assert two.returncode == 0 and "2 process(es)" in two.stderr, two.stderr
     losses = [[float(r["loss"]) for r in _metrics(streamed / "runs" / n) if r["split"] == "train"]
               for n in ("one", "two")]
@@ -470,3 +476,13 @@ def test_val_split_selects_on_val_and_tests_once_at_the_end(streamed):
     assert summary.startswith("done: best val accuracy") and f"test accuracy {100 * test_acc:.2f}%" in summary
     again = _finetune(streamed, "val", "--num_steps", "6", "--resume", "--val_split", "0.3")
     assert again.returncode == 2 and "--val_split 0.2" in again.stderr
+
+
+def test_evaluate_cli_streams_the_test_split(one_process, capsys):
+    from train import evaluate
+
+    assert evaluate.main(["--checkpoint", str(one_process / "last.pt"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "on imagefolder test (12 images)" in out
+    logged = next(float(r["accuracy"]) for r in _metrics(one_process) if r["split"] == "test")
+    assert float(out.split("accuracy ")[1].split("%")[0]) == pytest.approx(100 * logged, abs=0.01)

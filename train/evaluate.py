@@ -14,9 +14,11 @@ from vitcore.precision import autocast_dtype
 
 from .args import UsageError, _Parser, add_flag
 from .cli import run_cli
-from .data import ImageSet, load_split
+from .data import ImageSet
+from .datasets import DATASETS, open_split, prepare_data
 from .distributed import all_reduce_sum
 from .official import CHECKPOINT_HELP, restore
+from .streaming import default_num_workers
 
 __all__ = ["evaluate_model", "main"]
 
@@ -50,7 +52,7 @@ def evaluate_model(model: torch.nn.Module, test: ImageSet, img_size: int, batch_
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m train.evaluate", description="Accuracy and loss of a checkpoint on a test set.")
     add_flag(p, "checkpoint", required=True, help=CHECKPOINT_HELP)
-    add_flag(p, "dataset", choices=["cifar10", "cifar100", "imagefolder"], default=None,
+    add_flag(p, "dataset", choices=DATASETS, default=None,
              help="default: the run's dataset (cifar10 for an official checkpoint; an ImageNet-1k head reads an "
                   "imagefolder whose class folders are the wnids, e.g. <data_dir>/test/n01440764/)")
     add_flag(p, "data_dir", default=None, help="default: the run's data_dir")
@@ -83,7 +85,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
     if dataset in _CIFAR_CLASSES:  # known before anything is downloaded
         check_head(_CIFAR_CLASSES[dataset])
-    test = load_split(dataset, data_dir, train=False, img_size=img_size, classes=classes).to(device)
+    prepare_data(dataset, data_dir)  # CIFAR, Pets and Flowers are downloaded when missing
+    # CIFAR in memory; any other test split streamed from its files through worker processes.
+    test = open_split(dataset, data_dir, "test", classes, num_workers=default_num_workers()).to(device)
     check_head(len(test.classes))
     loss, acc = evaluate_model(model, test, img_size, args.eval_batch_size, args.precision)
     what = f"{ck['model_type']}, {img_size} px" if official else f"step {ck.get('step')}"
