@@ -315,6 +315,17 @@ def test_a_broken_cifar_batch_names_the_file_before_training(world, tmp_path, ki
 # ---------------------------------------------------------------- failures during a run
 
 
+def test_a_diverging_run_saves_nothing_and_names_the_flags(world):
+    run = _copy_run(world, "diverge")
+    before = _snapshot(run)
+    proc = _cli(world, "--name", "diverge", "--resume", "--num_steps", "8", "--eval_every", "1", "--learning_rate",
+                "1e30", "--max_grad_norm", "0", "--fp16")
+    _error(proc, 1, "loss is", "last.pt holds step 2", "--learning_rate (now 1e+30)",
+           "--max_grad_norm 1 (clipping is off)", "--precision bf16 or fp32")
+    after = _snapshot(run)
+    assert after["last.pt"] == before["last.pt"] and after["best.pt"] == before["best.pt"]
+
+
 def test_ctrl_c_says_where_the_run_got_to_and_how_to_continue(world):
     cmd = [PY, "-m", "train.finetune", *_base_args(world), "--name", "ctrlc", "--num_steps", "100000",
            "--eval_every", "5"]

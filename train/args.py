@@ -188,6 +188,13 @@ def validate(args: argparse.Namespace) -> argparse.Namespace:
         v = getattr(args, flag)
         if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
             raise UsageError(f"--{flag} must be a finite number {'>' if positive else '>='} 0, got {v}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must lie in [0, 2**32), got {args.seed}")
+    if args.name is not None:
+        parts = args.name.replace(os.sep, "/").split("/")
+        if not args.name.strip() or os.path.isabs(args.name) or any(p in ("", ".", "..") for p in parts):
+            raise UsageError(f"--name {args.name!r} must be a folder name under --output_dir (a/b is fine; no "
+                             "empty, '.', '..' or absolute part)")
     if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
     if args.resume and args.overwrite:

@@ -422,10 +422,8 @@ def train_step(run: Run, step: int) -> float:
         raise TrainingError(_oom_advice(step, plan.micro, plan.accum, plan.per_rank, args.train_batch_size, where)
                             ) from None
     loss_value = (distributed.all_reduce_sum(loss_sum / plan.accum) / dist.world_size).item()
-    if not math.isfinite(loss_value):
-        raise TrainingError(f"loss is {loss_value} at step {step}; try a lower --learning_rate (now "
-                            f"{args.learning_rate}), --precision fp32 or bf16 instead of fp16, or a smaller "
-                            "--max_grad_norm")
+    if not math.isfinite(loss_value):  # raised before this step's update: nothing diverged is ever saved
+        raise TrainingError(f"loss is {loss_value} at step {step}: {_divergence_advice(run)}")
     lr = run.schedule(step)
     apply_lr(run.optimizer, lr)  # times each group's layer-decay scale
     run.scaler.unscale_(run.optimizer)
@@ -445,6 +443,19 @@ def train_step(run: Run, step: int) -> float:
                             img_s=f"{run.images_seen / run.train_time:.0f}", refresh=False)
         run.bar.update(1)
     return loss_value
+
+
+def _divergence_advice(run: Run) -> str:
+    """After a non-finite loss: what was kept, and the flags that could have caused it, with their values."""
+    args = run.args
+    kept = (f"nothing was saved for it (last.pt holds step {run.saved_step})" if run.saved_step is not None
+            else "nothing was saved")
+    clip = (f"a smaller --max_grad_norm (now {args.max_grad_norm})" if args.max_grad_norm > 0
+            else "--max_grad_norm 1 (clipping is off)")
+    fix = [f"a lower --learning_rate (now {args.learning_rate})", clip]
+    if run.plan.precision == "fp16":
+        fix.append("--precision bf16 or fp32 instead of fp16 (fp16 overflows)")
+    return f"{kept}; try {', '.join(fix[:-1])} or {fix[-1]}"
 
 
 def _checkpoint_state(run: Run) -> dict[str, Any]:
@@ -474,9 +485,8 @@ def evaluate_and_save(run: Run) -> None:
     plan, args, dist, step = run.plan, run.args, run.plan.dist, run.step
     loss, acc = _evaluate(run, run.model, run.eval_set)
     if not math.isfinite(loss):  # never checkpoint weights that evaluate to NaN/inf
-        raise TrainingError(f"evaluation loss is {loss} at step {step}: the weights diverged; nothing was saved "
-                            f"for this step; try a lower --learning_rate (now {args.learning_rate}) or a smaller "
-                            f"--max_grad_norm (now {args.max_grad_norm})")
+        raise TrainingError(f"evaluation loss is {loss} at step {step}: the weights diverged; "
+                            f"{_divergence_advice(run)}")
     ema_eval = None
     if run.ema is not None:
         ema_eval = evaluate_model(run.ema.module, run.eval_set, args.img_size, args.eval_batch_size, plan.precision,
