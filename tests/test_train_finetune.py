@@ -137,25 +137,36 @@ def test_torchrun_two_processes_agree_with_one(work, base_run):
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
 
 
-def test_torchrun_restart_after_sigkill_resumes_to_the_same_weights(work, tmp_path):
-    # `--resume auto` under torchrun --max-restarts: rank 1 SIGKILLs itself after step 6 (the first checkpoint is
-    # step 4); torchrun restarts both ranks, which continue from last.pt. Dropout stays on (step-seeded).
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
-    common = ("--num_steps", "10", "--eval_every", "4", "--resume", "auto")
-    ref = _finetune(work, "elastic-ref", *common, launcher=launcher)
+_ELASTIC = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+_ELASTIC_ARGS = ("--num_steps", "10", "--eval_every", "4", "--resume", "auto")
+
+
+@pytest.fixture(scope="module")
+def elastic_ref(work):
+    """An uninterrupted 2-rank run under the same launcher and flags as the killed ones."""
+    ref = _finetune(work, "elastic-ref", *_ELASTIC_ARGS, launcher=_ELASTIC)
     assert ref.returncode == 0, ref.stderr
-    marker = tmp_path / "killed"
-    proc = _finetune(work, "elastic", *common, launcher=launcher, env={"VITCORE_TEST_SIGKILL": f"1:6:{marker}"})
+    return load_checkpoint(str(work / "runs" / "elastic-ref" / "last.pt"))
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_torchrun_restart_after_sigkill_resumes_to_the_same_weights(work, tmp_path, elastic_ref, rank):
+    # `--resume auto` under torchrun --max-restarts: one rank SIGKILLs itself after step 6 (the first checkpoint is
+    # step 4); torchrun restarts both ranks, which continue from last.pt. Dropout stays on (step-seeded). Rank 0 holds
+    # the run folder's lock: killed, it leaves its lock file to the restarted rank 0.
+    marker, name = tmp_path / "killed", f"elastic-{rank}"
+    proc = _finetune(work, name, *_ELASTIC_ARGS, launcher=_ELASTIC, env={"VITCORE_TEST_SIGKILL": f"{rank}:6:{marker}"})
     assert proc.returncode == 0, proc.stderr
-    assert marker.exists(), "rank 1 was never killed"
+    assert marker.exists(), "the rank was never killed"
     assert "steps 1..10" in proc.stderr and "steps 5..10" in proc.stderr  # the restart resumed from step 4
-    a = load_checkpoint(str(work / "runs" / "elastic-ref" / "last.pt"))
-    b = load_checkpoint(str(work / "runs" / "elastic" / "last.pt"))
+    if rank == 0:
+        assert "which is no longer running (torchrun restart 1 of this job)" in proc.stderr
+    b = load_checkpoint(str(work / "runs" / name / "last.pt"))
     assert b["step"] == 10
-    for k, v in a["model"].items():
+    for k, v in elastic_ref["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    assert _train_losses(work / "runs" / "elastic") == _train_losses(work / "runs" / "elastic-ref")
-    assert not os.path.exists(work / "runs" / "elastic" / ".lock")  # released at the end of the run
+    assert _train_losses(work / "runs" / name) == _train_losses(work / "runs" / "elastic-ref")
+    assert not os.path.exists(work / "runs" / name / ".lock")  # released at the end of the run
 
 
 def _colour_png(path, cls: int, size=(40, 48)) -> str:

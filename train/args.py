@@ -255,7 +255,10 @@ def check_cpu_model(args: argparse.Namespace, cfg: vitcore.ViTConfig, device: to
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
-    """The dests the command line sets itself (not left at their defaults), with their parsed values."""
+    """The dests the command line sets itself (not left at their defaults), with their parsed values.
+
+    It clears `parser`'s defaults: pass a parser of its own (build_parser()).
+    """
     # A second parse where nothing has a default: only what argv names ends up in the namespace.
     for action in parser._actions:
         action.default = argparse.SUPPRESS
