@@ -138,6 +138,18 @@ def test_a_stale_lock_and_stale_temps_are_taken_over_and_resume_by_name_takes_th
     assert load_checkpoint(os.path.join(run, "last.pt"))["step"] == 3
 
 
+def test_a_damaged_metrics_csv_does_not_block_resume(world):
+    run = _copy_run(world, "metrics")
+    with open(os.path.join(run, "metrics.csv"), "a") as f:
+        f.write("garbage\x00,,\n1,train,abc\n7,tra")  # a hand edit, then the half line a full disk leaves
+    proc = _cli(world, "--name", "metrics", "--resume", "--num_steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "left out 2 row(s) that do not parse" in proc.stderr
+    with open(os.path.join(run, "metrics.csv")) as f:
+        assert [line.split(",")[:2] for line in f.read().splitlines()[1:]] == [
+            ["1", "train"], ["2", "train"], ["2", "test"], ["3", "train"], ["3", "test"]]
+
+
 def test_overwrite_moves_the_old_run_aside(world):
     run = _copy_run(world, "again")
     before = _snapshot(run)

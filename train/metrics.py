@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from typing import Any
 
 from vitcore.fileio import atomic_write
@@ -19,15 +20,24 @@ def write_args_json(args: dict[str, Any], path: str) -> None:
         json.dump(args, f, indent=2, sort_keys=True)
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """Rows of metrics.csv with numbers parsed (empty cells -> None)."""
+def read_metrics(path: str, damaged: list[int] | None = None) -> list[dict[str, Any]]:
+    """Rows of metrics.csv with numbers parsed (empty cells -> None). A row that does not parse (the half-written
+    last line of a full disk, a hand edit) is left out; its line number is appended to `damaged` when given."""
     if not os.path.exists(path):
         return []
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="replace") as f:
         for row in csv.DictReader(f):
-            rows.append({k: (row[k] if k == "split" else (float(row[k]) if row[k] not in ("", None) else None))
-                         for k in FIELDS})
+            try:
+                parsed = {k: (row[k] if k == "split" else (float(row[k]) if row[k] not in ("", None) else None))
+                          for k in FIELDS}
+                if parsed["step"] is None or parsed["split"] in ("", None):
+                    raise ValueError("no step or split")
+            except (ValueError, TypeError, KeyError):
+                if damaged is not None:
+                    damaged.append(len(rows) + len(damaged) + 2)  # its line: 1-based, after the header
+                continue
+            rows.append(parsed)
     return rows
 
 
@@ -42,7 +52,11 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        rows = read_metrics(self.csv_path) if resume_step is not None else []
+        damaged: list[int] = []
+        rows = read_metrics(self.csv_path, damaged) if resume_step is not None else []
+        if damaged:
+            print(f"note: {self.csv_path}: left out {len(damaged)} row(s) that do not parse (line(s) "
+                  f"{', '.join(map(str, damaged[:5]))})", file=sys.stderr)
         # A resumed run replays the steps after its checkpoint: drop the rows the killed run logged past it.
         rows = [r for r in rows if r["step"] <= (resume_step or 0)]
         # The kept rows are written whole (a kill now leaves the old file or the new one, never a prefix), then the
