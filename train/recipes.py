@@ -187,17 +187,18 @@ class LinearProbe(nn.Module):
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """The recipe flags of `train.finetune`, as a group; every default is the official recipe."""
-    from .args import add_flag  # args imports this module
+    from .args import add_flag, finite_float  # args imports this module
 
     g = parser.add_argument_group("recipes (defaults: the official recipe)")
     add_flag(g, "optimizer", choices=["sgd", "adamw"], default="sgd",
              help="sgd: momentum 0.9 (official); adamw: torch.optim.AdamW (decoupled weight decay)")
     add_flag(g, "adam_betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
              help="AdamW betas (default 0.9 0.999)")
-    add_flag(g, "adam_eps", type=float, default=None, help="AdamW epsilon (default 1e-8)")
+    add_flag(g, "adam_eps", type=finite_float(0, lo_open=True), default=None, help="AdamW epsilon (default 1e-8)")
     add_flag(g, "label_smoothing", type=float, default=0.0, help="target smoothing E: 1-E+E/K on the label")
-    add_flag(g, "mixup", type=float, default=0.0, help="mixup alpha (timm --mixup); 0 disables")
-    add_flag(g, "cutmix", type=float, default=0.0, help="cutmix alpha (timm --cutmix); 0 disables")
+    # finite_float: nan/inf refused at parse time (a comparison like `alpha < 0` lets nan through).
+    add_flag(g, "mixup", type=finite_float(0), default=0.0, help="mixup alpha (timm --mixup); 0 disables")
+    add_flag(g, "cutmix", type=finite_float(0), default=0.0, help="cutmix alpha (timm --cutmix); 0 disables")
     add_flag(g, "mixup_prob", type=float, default=None, help="chance a batch is mixed (default 1.0)")
     add_flag(g, "mixup_switch_prob", type=float, default=None,
              help="with both --mixup and --cutmix: chance of cutmix instead of mixup (default 0.5)")
