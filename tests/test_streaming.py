@@ -336,6 +336,15 @@ def test_eval_batches_cover_the_split_once_across_ranks(mixed_folder):
     assert sorted(seen) == sorted(test.index.labels.tolist()) and len(seen) == len(test) == 5
 
 
+def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
+    from train.streaming import default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_num_workers() == 7  # 16 cores / 2 processes, less one each for the process itself
+    assert default_num_workers(1) == 15 and default_num_workers(8) == 1 and default_num_workers(32) == 1
+
+
 # ---------------------------------------------------------------- memory
 
 
