@@ -311,3 +311,17 @@ def test_incomplete_dataset_folder_is_not_overwritten(tmp_path):
     with pytest.raises(UsageError, match="lacks annotations/trainval.txt"):
         prepare_data("oxford_iiit_pet", str(tmp_path))
     assert DOWNLOADS["oxford_iiit_pet"][0] == "oxford-iiit-pet"
+
+
+def test_a_copy_put_in_place_meanwhile_is_used(server, tmp_path, monkeypatch):
+    # Two nodes sharing a filesystem extract at once: the second rename meets the first one's finished folder.
+    www, base = server
+    urls, md5s = _pets_fixture(www)
+    data = tmp_path / "data"
+    first = ensure_dataset("oxford_iiit_pet", str(data), progress=False, urls=_absolute(urls, base), md5s=md5s)
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if p == first else real_isdir(p))  # "not there yet"
+    assert ensure_dataset("oxford_iiit_pet", str(data), progress=False, urls=_absolute(urls, base),
+                          md5s=md5s) == first
+    monkeypatch.undo()
+    assert sorted(os.listdir(data)) == ["annotations.tar.gz", "images.tar.gz", "oxford-iiit-pet"]  # no temp left

@@ -306,7 +306,12 @@ def ensure_dataset(dataset: str, data_dir: str, progress: bool = True, urls: dic
             raise DownloadError(f"the {dataset} downloads in {data_dir} do not hold {', '.join(missing)}; delete "
                                 f"them to download again")
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; the dataset is not
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # Another node's first process, sharing this filesystem, put its copy in place first: use that one.
+            if not all(os.path.exists(os.path.join(folder, p)) for p in expected):
+                raise
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
