@@ -243,7 +243,7 @@ def _own_run_folder(plan: RunPlan) -> tuple[RunLock | None, bool]:
         lock = RunLock(plan.run_dir)
         try:
             outcome = (True, _claim_run_folder(plan, lock))
-        except (UsageError, OSError) as e:
+        except Exception as e:  # every rank must hear of it: the others wait in the broadcast below
             lock.release()
             outcome = (False, one_line(e) if isinstance(e, UsageError) else f"run folder {plan.run_dir}: {e}")
     ok, value = distributed.broadcast_object(outcome)
