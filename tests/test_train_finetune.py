@@ -135,6 +135,14 @@ def test_torchrun_two_processes_agree_with_one(work, base_run):
     assert sorted(two) == [1, 2, 3, 4, 5]
     for step in two:
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5), step
+    # Rank 0 decides about the run folder for every rank, and only it prints the refusal.
+    again = _finetune(work, "ddp", "--num_steps", "5", launcher=["-m", "torch.distributed.run", "--standalone",
+                                                                 "--nproc_per_node=2"])
+    assert again.returncode != 0
+    assert [line for line in again.stderr.splitlines() if "error:" in line] == [
+        f"train.finetune: error: {work / 'runs' / 'ddp'} already holds a run (last.pt, best.pt, metrics.csv): "
+        "continue it with --resume, start a new one with another --name, or pass --overwrite to move it to "
+        f"{work / 'runs' / 'ddp'}.old-<time>"]
 
 
 _ELASTIC = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1"]

@@ -75,7 +75,8 @@ def run_cli(prog: str, fn: Callable[[], int], argv: Sequence[str] | None = None)
         code, message = _classify(e)
         if _debug(argv):
             traceback.print_exc()
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if not getattr(e, "echo", False):  # an echo: another rank of this job has printed the same line
+            print(f"{prog}: error: {message}", file=sys.stderr)
         return code
 
 

@@ -248,7 +248,9 @@ def _own_run_folder(plan: RunPlan) -> tuple[RunLock | None, bool]:
             outcome = (False, one_line(e) if isinstance(e, UsageError) else f"run folder {plan.run_dir}: {e}")
     ok, value = distributed.broadcast_object(outcome)
     if not ok:
-        raise UsageError(value)
+        refusal = UsageError(value)
+        refusal.echo = not plan.dist.is_main  # type: ignore[attr-defined]  # rank 0 prints it; the others stay quiet
+        raise refusal
     return lock, value
 
 
