@@ -169,6 +169,16 @@ def test_resume_auto_starts_a_missing_run_and_resume_needs_a_name(world):
     _error(_cli(world, "--name", "never-ran", "--resume"), 2, "no checkpoint at", "never-ran")
 
 
+def test_a_folder_with_only_best_pt_says_how_to_continue(world):
+    run = _copy_run(world, "onlybest")
+    os.remove(os.path.join(run, "last.pt"))  # what a kill during the first last.pt write left in older versions
+    before = _snapshot(run)
+    _error(_cli(world, "--name", "onlybest", "--resume"), 2, "no checkpoint at", "best.pt is a whole checkpoint",
+           f"copy it to {os.path.join(run, 'last.pt')}")
+    _error(_cli(world, "--name", "onlybest", "--resume", "auto"), 2, "already holds a run (best.pt")
+    assert _snapshot(run) == before
+
+
 def test_the_default_name_is_new_for_every_run(world, tmp_path):
     names = []
     for _ in range(2):

@@ -282,6 +282,9 @@ def _resumed(args: argparse.Namespace, given: dict[str, Any]) -> argparse.Namesp
         return args
     if not os.path.isfile(path):
         where = "no run folder" if not os.path.isdir(run_dir) else "the folder holds no last.pt"
+        # best.pt without last.pt: an older version killed during its first last.pt write
+        if os.path.isfile(os.path.join(run_dir, "best.pt")):
+            where += f"; its best.pt is a whole checkpoint too: copy it to {path} to continue from its step"
         raise UsageError(f"--resume: no checkpoint at {path} ({where}); start the run without --resume, or use "
                          "--resume auto to start it when there is nothing to continue")
     saved = load_checkpoint(path, mmap=True).get("args")  # mmap: the weights are not read here
