@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import print_table
+from vitcore.fileio import atomic_write
 
 __all__ = ["vit_b16_shapes", "write_checkpoint", "main"]
 
@@ -70,11 +71,9 @@ def _arrays() -> dict[str, np.ndarray]:
 
 
 def write_checkpoint(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez(path, **arrays), written to a temp file and renamed (no half-written cache)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    """np.savez(path, **arrays) through vitcore.fileio.atomic_write (no half-written cache)."""
+    with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def _numpy_load(path: str) -> dict[str, torch.Tensor]:

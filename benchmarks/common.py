@@ -122,12 +122,12 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
         "date": _dt.date.today().isoformat(),
     }
     full = [{**row, **stamp} for row in rows]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    from vitcore.fileio import atomic_write  # here, not at import: kernel_resources runs without vitcore
+
+    with atomic_write(path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=list(full[0]))
         writer.writeheader()
         writer.writerows(full)
-    os.replace(tmp, path)
 
 
 def print_table(rows: Sequence[dict[str, Any]], title: str = "") -> None:
