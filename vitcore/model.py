@@ -70,11 +70,13 @@ class EncoderBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Not while attention is recorded: the recomputation would take the other (probability-keeping) path.
-        recording = any(getattr(m, "_records", None) is not None for m in self.modules())
-        if self.grad_checkpointing and torch.is_grad_enabled() and not recording:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not self._recording_attention():
             return checkpoint(self._forward, x, use_reentrant=False)
         return self._forward(x)
+
+    def _recording_attention(self) -> bool:
+        # Not while attention is recorded: the recomputation would take the other (probability-keeping) path.
+        return any(getattr(m, "_records", None) is not None for m in self.modules())
 
 
 class VisionTransformer(nn.Module):
