@@ -234,6 +234,21 @@ class _Decoder(torch.utils.data.Dataset):
         except Exception as e:
             return None, _reason(e)
 
+    def _decode_into(self, out: np.ndarray, opened: tuple, box: list[float] | None, flip: bool) -> str | None:
+        """Decode an `_open`ed image, cropped to `box` (None: the whole image), into `out` (S, S, 3) and close it;
+        returns None, or why the file could not be decoded."""
+        im, width, height, orientation = opened
+        try:
+            out[...] = self.decode(im, orientation, box if box is not None else (0, 0, width, height), self.size,
+                                   flip=flip)
+            return None
+        except MemoryError:
+            raise
+        except Exception as e:
+            return _reason(e)
+        finally:
+            im.close()
+
     def __getitems__(self, chunk: _Chunk) -> dict:
         c, s = len(chunk.indices), self.size
         images = torch.empty(c, s, s, 3, dtype=torch.uint8)
@@ -253,18 +268,11 @@ class _Decoder(torch.utils.data.Dataset):
                 boxes, flips = crop_boxes(torch.from_numpy(chunk.draws), heights, widths)
             for i, ((o, err), j) in enumerate(zip(opened, chunk.indices.tolist())):
                 if o is not None:
-                    im, width, height, orientation = o
-                    try:
-                        box = boxes[i].tolist() if boxes is not None else (0, 0, width, height)
-                        pixels[i] = self.decode(im, orientation, box, s, flip=flips is not None and flips[i] < 0)
+                    box = boxes[i].tolist() if boxes is not None else None
+                    err = self._decode_into(pixels[i], o, box, flips is not None and bool(flips[i] < 0))
+                    if err is None:
                         labels[i] = int(self.index.labels[j])
                         continue
-                    except MemoryError:
-                        raise
-                    except Exception as e:
-                        err = _reason(e)
-                    finally:
-                        im.close()
                 result["bad"].append((self.index.path(j), err))
                 if not self.skip_bad:
                     result["fatal"] = result["bad"][-1]
@@ -286,17 +294,10 @@ class _Decoder(torch.utils.data.Dataset):
             k = (j + step) % n
             o, err = self._open(k)
             if o is not None:
-                im, width, height, orientation = o
-                try:
-                    boxes, flips = crop_boxes(torch.from_numpy(draws), height, width)
-                    out[...] = self.decode(im, orientation, boxes[0].tolist(), self.size, flip=bool(flips[0] < 0))
+                boxes, flips = crop_boxes(torch.from_numpy(draws), o[2], o[1])  # (height, width) of file k
+                err = self._decode_into(out, o, boxes[0].tolist(), bool(flips[0] < 0))
+                if err is None:
                     return int(self.index.labels[k])
-                except MemoryError:
-                    raise
-                except Exception as e:
-                    err = _reason(e)
-                finally:
-                    im.close()
             bad.append((self.index.path(k), err))
         raise BadImageError(f"{len(bad)} unreadable files in a row from {self.index.path(j)} on: the dataset under "
                             f"{self.index.root} looks broken (last: {bad[-1][1]})")
